@@ -1,0 +1,104 @@
+"""Test helpers shipped with the package: an independent NumPy reference of the noise stream, and
+closeness checks that report every mismatch.
+
+The NumPy Philox here is written from the paper's definition (Salmon et al., SC'11) with uint64
+arithmetic, separately from the C++, Triton and torch implementations it checks; its transforms are
+evaluated in float64, so it is the more accurate side of every comparison.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+MASK32 = np.uint64(0xFFFFFFFF)
+
+# Random123's published known-answer vectors for Philox4x32-10: (counter, key, output).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+def philox4x32_10_numpy(counter: tuple, key: tuple) -> tuple[np.ndarray, ...]:
+    """Philox4x32-10 on arrays of counters: ``counter`` is 4 arrays (or ints), ``key`` 2 ints."""
+    c = [np.asarray(x, dtype=np.uint64) & MASK32 for x in counter]
+    k0, k1 = np.uint64(key[0]), np.uint64(key[1])
+    for _ in range(10):
+        p0 = np.uint64(PHILOX_M[0]) * c[0]
+        p1 = np.uint64(PHILOX_M[1]) * c[2]
+        c = [
+            (p1 >> np.uint64(32)) ^ c[1] ^ k0,
+            p1 & MASK32,
+            (p0 >> np.uint64(32)) ^ c[3] ^ k1,
+            p0 & MASK32,
+        ]
+        k0 = (k0 + np.uint64(PHILOX_W[0])) & MASK32
+        k1 = (k1 + np.uint64(PHILOX_W[1])) & MASK32
+    return tuple(x.astype(np.uint32) for x in c)
+
+
+def philox_words_numpy(seed: int, stream: int, n: int, offset: int = 0) -> np.ndarray:
+    """The uint32 word of elements ``offset .. offset+n-1`` of stream ``(seed, stream)`` (see csrc/philox.h)."""
+    idx = np.arange(offset, offset + n, dtype=np.uint64)
+    ctr = idx >> np.uint64(2)
+    seed, stream = seed % 2**64, stream % 2**64
+    words = philox4x32_10_numpy(
+        (ctr & MASK32, ctr >> np.uint64(32), np.full_like(ctr, stream & 0xFFFFFFFF), np.full_like(ctr, stream >> 32)),
+        (seed & 0xFFFFFFFF, seed >> 32),
+    )
+    stacked = np.stack(words, axis=-1)  # (n, 4)
+    return stacked[np.arange(n), (idx & np.uint64(3)).astype(np.int64)]
+
+
+def philox_noise_numpy(seed: int, stream: int, n: int, offset: int = 0, dist: str = "normal") -> np.ndarray:
+    """Reference z(seed, stream, offset + i) for i < n, in float64."""
+    idx = np.arange(offset, offset + n, dtype=np.int64)
+    # Each element needs its Box-Muller partner: lanes (0, 1) and (2, 3) of its counter.
+    pair_first = idx - (idx % 2)
+    first = philox_words_numpy(seed, stream, n + 2, offset - (offset % 2))
+    base = offset - (offset % 2)
+    w_even = first[pair_first - base]
+    w_odd = first[pair_first + 1 - base]
+    own = np.where(idx % 2 == 0, w_even, w_odd)
+    if dist == "rademacher":
+        return np.where(own >> np.uint32(31), 1.0, -1.0)
+    if dist != "normal":
+        raise ValueError(f"dist must be 'normal' or 'rademacher', got {dist!r}")
+
+    def unit(w: np.ndarray) -> np.ndarray:
+        return (w >> np.uint32(9)).astype(np.float64) * 2.0**-23 + 2.0**-24
+
+    radius = np.sqrt(-2.0 * np.log(unit(w_even)))
+    theta = 2.0 * np.pi * unit(w_odd)
+    return np.where(idx % 2 == 0, radius * np.cos(theta), radius * np.sin(theta))
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
+                         name: str = "tensor", max_report: int = 10) -> None:
+    """Like torch.testing.assert_close, but lists the worst mismatches with their indices."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    err = (a - e).abs()
+    bad = ~(err <= atol + rtol * e.abs()) | (a.isnan() != e.isnan())
+    if bad.any():
+        flat = bad.flatten().nonzero().flatten()
+        worst = flat[err.flatten()[flat].argsort(descending=True)[:max_report]]
+        lines = [
+            f"  [{tuple(np.unravel_index(int(i), a.shape))}] got {a.flatten()[i].item():.9g} "
+            f"expected {e.flatten()[i].item():.9g} (err {err.flatten()[i].item():.3g})"
+            for i in worst
+        ]
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {a.numel()} elements differ (atol={atol}, rtol={rtol}, "
+            f"max err {err.max().item():.3g}):\n" + "\n".join(lines)
+        )
