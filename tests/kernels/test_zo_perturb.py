@@ -92,10 +92,10 @@ def test_perturb_flip_restore_round_trip():
 
 def test_permuted_layout_uses_memory_order():
     w = torch.randn(37, 53)
+    w0 = w.clone()
     t = w.t()  # a dense, non-contiguous parameter
     Z.zo_perturb_(t, [3], [0.1], stream=4)
-    flat_ref = reference(w.clone().detach().flatten(), [3], [0.1], 4, 0.0)
-    torch.testing.assert_close(w.flatten().double(), flat_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w.flatten().double(), reference(w0.flatten(), [3], [0.1], 4, 0.0), rtol=0, atol=1e-6)
 
 
 def test_dispatcher_validates():
@@ -131,10 +131,11 @@ def test_no_tensor_sized_temporaries(backend):
     """Peak RSS of a fresh process grows by far less than the parameter's size while updating it."""
     if backend == "cpp" and not cpp_available():
         pytest.fail("the C++ extension did not build")
+    n = 100_000_000 if backend == "cpp" else 20_000_000  # 400 MB / 80 MB (the torch twin is slow)
     code = textwrap.dedent(f"""
         import resource, torch
         from memtrain.kernels import zo_perturb as Z
-        p = torch.ones(100_000_000)  # 400 MB
+        p = torch.ones({n})
         Z._zo_perturb_{backend}(p[:1000], [1], [1.0], 0, 0.0, 0, 0)  # load everything once
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         Z._zo_perturb_{backend}(p, [1, 2], [1e-3, 1e-3], 0, -1e-4, 0, 0)
@@ -142,7 +143,7 @@ def test_no_tensor_sized_temporaries(backend):
         print((after - before) * 1024)
     """)
     grown = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
-    assert grown < 40e6, f"peak memory grew by {grown / 1e6:.0f} MB while updating a 400 MB tensor"
+    assert grown < 0.25 * 4 * n, f"peak memory grew by {grown / 1e6:.0f} MB while updating {4 * n / 1e6:.0f} MB"
 
 
 @pytest.mark.gpu
