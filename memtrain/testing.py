@@ -102,3 +102,42 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: 
             f"{name}: {int(bad.sum())} of {a.numel()} elements differ (atol={atol}, rtol={rtol}, "
             f"max err {err.max().item():.3g}):\n" + "\n".join(lines)
         )
+
+
+def mezo_step_reference(
+    params: list[torch.Tensor],
+    closure,
+    seeds: list[int],
+    streams: list[int],
+    hparams: list[tuple[float, float, float]],
+    dist: str = "normal",
+) -> tuple[float, list[float]]:
+    """The textbook MeZO step (Malladi et al. 2023, Algorithm 1) in the parameters' own dtype (use float64),
+    with z drawn from :func:`philox_noise_numpy` and stored in full, four passes per direction.
+
+    ``hparams[i] = (lr, eps, weight_decay)`` of ``params[i]``; with several ``seeds`` the q estimates are
+    taken at the same θ and averaged. Returns (mean loss at θ+εz, each direction's (L+ - L-) / 2).
+    """
+    zs = [
+        [torch.from_numpy(philox_noise_numpy(seed, stream, p.numel(), 0, dist)).to(p.dtype).view(p.shape)
+         for p, stream in zip(params, streams)]
+        for seed in seeds
+    ]
+    losses, diffs = [], []
+    with torch.no_grad():
+        for z in zs:
+            for p, zi, (_, eps, _) in zip(params, z, hparams):
+                p.add_(eps * zi)
+            loss_plus = float(closure())
+            for p, zi, (_, eps, _) in zip(params, z, hparams):
+                p.sub_(2 * eps * zi)
+            loss_minus = float(closure())
+            for p, zi, (_, eps, _) in zip(params, z, hparams):
+                p.add_(eps * zi)
+            losses.append(loss_plus)
+            diffs.append((loss_plus - loss_minus) / 2)
+        q = len(seeds)
+        for i, (p, (lr, eps, wd)) in enumerate(zip(params, hparams)):
+            grad = sum(d / eps * z[i] for d, z in zip(diffs, zs)) / q
+            p.sub_(lr * (grad + wd * p))
+    return sum(losses) / q, diffs
