@@ -1,0 +1,60 @@
+"""Packaging: import names, public surface, lean imports, the compiled extension, the env report."""
+
+import importlib
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_no_top_level_kernels_package_from_this_checkout():
+    spec = importlib.util.find_spec("kernels")
+    if spec is not None and spec.origin:
+        assert not pathlib.Path(spec.origin).resolve().is_relative_to(REPO), spec.origin
+    kernels = importlib.import_module("memtrain.kernels")
+    assert kernels.__name__ == "memtrain.kernels"
+
+
+@pytest.mark.parametrize("package", ["memtrain", "memtrain.kernels", "zo2", "flashdp"])
+def test_all_names_resolve(package):
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        assert hasattr(module, name), f"{package}.__all__ lists {name!r}, which does not exist"
+
+
+def test_import_is_lean():
+    """Importing the front-ends and kernels initialises no CUDA context and compiles nothing."""
+    code = (
+        "import torch, memtrain, zo2, memtrain.kernels.zo_perturb, memtrain.kernels.philox\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cpp_extension_is_built():
+    """CI must exercise the C++ kernels, not silently the fallback (unless the build was switched off)."""
+    from memtrain._cpp import cpp_available, cpp_error
+
+    if os.environ.get("MEMTRAIN_BUILD_EXT") == "0":
+        pytest.skip("MEMTRAIN_BUILD_EXT=0")
+    assert cpp_available(), f"memtrain._C failed to import: {cpp_error()!r}"
+
+
+def test_require_cpp_names_the_fix(monkeypatch):
+    import memtrain._cpp as cpp
+
+    monkeypatch.setattr(cpp, "_load", lambda: (None, ImportError("no _C")))
+    with pytest.raises(RuntimeError, match="no-build-isolation"):
+        cpp.require_cpp()
+
+
+def test_env_report_runs():
+    out = subprocess.run([sys.executable, "-m", "memtrain.env_report"], check=True, capture_output=True,
+                         text=True).stdout
+    for field in ("torch", "triton", "C++ extension", "zo_perturb_ backend"):
+        assert field in out
