@@ -205,6 +205,10 @@ class ZOSGD(torch.optim.Optimizer):
         self.step_count += 1
         return torch.tensor(losses_plus[-1] if losses_plus else float("nan"))
 
+    def flush(self) -> None:
+        """Make the parameters hold their trained values. Without offloading they always do when ``step``
+        returns, so this does nothing; ``zo2.offload`` engines apply their deferred update here."""
+
     # ------------------------------------------------------------------------------- serialisation
     def state_dict(self) -> dict:
         """torch's optimizer state plus the ``zo2`` entry (base seed, step counter, q, distribution),
