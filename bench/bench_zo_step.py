@@ -14,10 +14,10 @@ import argparse
 import random
 
 import torch
+from _harness import environment, interleaved, print_table, write_json
 from transformers import OPTConfig, OPTForCausalLM
 
 import zo2
-from _harness import environment, interleaved, print_table, write_json
 
 PRESETS = {
     "opt-tiny": dict(hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4),

@@ -57,7 +57,7 @@ def as_int64(value: int) -> int:
 def is_dense(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements fill a gap-free, non-overlapping memory range (a permuted contiguous layout)."""
     expected = 1
-    for size, stride in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+    for size, stride in sorted((d for d in zip(t.shape, t.stride(), strict=True) if d[0] != 1), key=lambda d: d[1]):
         if stride != expected:
             return False
         expected *= size
@@ -127,15 +127,10 @@ if HAS_TRITON:
         q = tl.floor(4.0 * u + 0.5)
         a = (u - 0.25 * q) * 6.28318530717958647692
         a2 = a * a
-        sa = a * (
-            1.0
-            + a2
-            * (-1.66666666666666667e-01 + a2 * (8.33333333333333333e-03 + a2 * (-1.98412698412698413e-04 + a2 * 2.75573192239858907e-06)))
-        )
-        ca = 1.0 + a2 * (
-            -0.5
-            + a2 * (4.16666666666666667e-02 + a2 * (-1.38888888888888889e-03 + a2 * (2.48015873015873016e-05 + a2 * -2.75573192239858907e-07)))
-        )
+        sa = a * (1.0 + a2 * (-1.66666666666666667e-01 + a2 * (
+            8.33333333333333333e-03 + a2 * (-1.98412698412698413e-04 + a2 * 2.75573192239858907e-06))))
+        ca = 1.0 + a2 * (-0.5 + a2 * (4.16666666666666667e-02 + a2 * (
+            -1.38888888888888889e-03 + a2 * (2.48015873015873016e-05 + a2 * -2.75573192239858907e-07))))
         quadrant = q.to(tl.int32) & 3
         c = tl.where(quadrant == 0, ca, tl.where(quadrant == 1, -sa, tl.where(quadrant == 2, -ca, sa)))
         s = tl.where(quadrant == 0, sa, tl.where(quadrant == 1, ca, tl.where(quadrant == 2, -sa, -ca)))

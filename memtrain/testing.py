@@ -120,24 +120,24 @@ def mezo_step_reference(
     """
     zs = [
         [torch.from_numpy(philox_noise_numpy(seed, stream, p.numel(), 0, dist)).to(p.dtype).view(p.shape)
-         for p, stream in zip(params, streams)]
+         for p, stream in zip(params, streams, strict=True)]
         for seed in seeds
     ]
     losses, diffs = [], []
     with torch.no_grad():
         for z in zs:
-            for p, zi, (_, eps, _) in zip(params, z, hparams):
+            for p, zi, (_, eps, _) in zip(params, z, hparams, strict=True):
                 p.add_(eps * zi)
             loss_plus = float(closure())
-            for p, zi, (_, eps, _) in zip(params, z, hparams):
+            for p, zi, (_, eps, _) in zip(params, z, hparams, strict=True):
                 p.sub_(2 * eps * zi)
             loss_minus = float(closure())
-            for p, zi, (_, eps, _) in zip(params, z, hparams):
+            for p, zi, (_, eps, _) in zip(params, z, hparams, strict=True):
                 p.add_(eps * zi)
             losses.append(loss_plus)
             diffs.append((loss_plus - loss_minus) / 2)
         q = len(seeds)
-        for i, (p, (lr, eps, wd)) in enumerate(zip(params, hparams)):
-            grad = sum(d / eps * z[i] for d, z in zip(diffs, zs)) / q
+        for i, (p, (lr, eps, wd)) in enumerate(zip(params, hparams, strict=True)):
+            grad = sum(d / eps * z[i] for d, z in zip(diffs, zs, strict=True)) / q
             p.sub_(lr * (grad + wd * p))
     return sum(losses) / q, diffs

@@ -5,6 +5,6 @@ direction (forward only) and updates the parameters in place; see :mod:`zo2.opti
 """
 
 from zo2.noise import step_seed
-from zo2.optimizer import NonFiniteLossWarning, ZOSGD
+from zo2.optimizer import ZOSGD, NonFiniteLossWarning
 
 __all__ = ["ZOSGD", "NonFiniteLossWarning", "step_seed"]

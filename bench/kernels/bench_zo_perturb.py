@@ -19,9 +19,9 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from _harness import environment, interleaved, print_table, write_json  # noqa: E402
+from _harness import environment, interleaved, print_table, write_json
 
-from memtrain.kernels.zo_perturb import zo_perturb_  # noqa: E402
+from memtrain.kernels.zo_perturb import zo_perturb_
 
 
 def main() -> None:

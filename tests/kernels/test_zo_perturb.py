@@ -39,7 +39,7 @@ def run(backend, p, seeds, coefs, stream, c, dist="normal", offset=0):
 def reference(p0, seeds, coefs, stream, c, dist="normal", offset=0):
     """float64: p + Σ a_j z_j + c p, with z from the independent NumPy Philox."""
     flat = p0.double().flatten().numpy()
-    acc = sum((a * philox_noise_numpy(s, stream, flat.size, offset, dist) for s, a in zip(seeds, coefs)),
+    acc = sum((a * philox_noise_numpy(s, stream, flat.size, offset, dist) for s, a in zip(seeds, coefs, strict=True)),
               np.zeros_like(flat))
     return torch.from_numpy(flat + acc + c * flat).view(p0.shape)
 

@@ -44,7 +44,7 @@ def assert_same_trajectory(model, ref_model, history, param_atol=2e-6):
     for loss, ref_loss, grads, ref_grads in history:
         assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
         assert grads == pytest.approx(ref_grads, rel=2e-3, abs=2e-3)
-    for (name, p), ref in zip(model.named_parameters(), ref_model.parameters()):
+    for (name, p), ref in zip(model.named_parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.double(), ref, rtol=0, atol=param_atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
@@ -54,7 +54,7 @@ def test_matches_textbook_mezo(opt_model, batch, distribution):
     opt, ref, hist = run_lockstep(opt_model, batch, 6, dict(lr=1e-2, eps=1e-3, weight_decay=0.1, seed=3,
                                                            distribution=distribution))
     assert_same_trajectory(opt_model, ref, hist)
-    moved = max((p - q).abs().max().item() for p, q in zip(opt_model.parameters(), before.parameters()))
+    moved = max((p - q).abs().max().item() for p, q in zip(opt_model.parameters(), before.parameters(), strict=True))
     assert moved > 1e-4  # the comparison is not vacuous: parameters really moved
     assert opt.step_count == 6
 
@@ -163,7 +163,7 @@ def test_resume_continues_the_identical_trajectory(make_opt, batch, tmp_path):
     for _ in range(3):
         opt2.step(closure_for(resumed))
         sched2.step()
-    for (n, a), b in zip(full.named_parameters(), resumed.parameters()):
+    for (n, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), n
     assert opt2.step_count == 6 and opt2.projected_grad == opt.projected_grad
 
@@ -303,4 +303,4 @@ def test_low_and_high_precision_models(make_opt, batch, dtype):
         loss = opt.step(lambda: model(**batch).loss)
     assert torch.isfinite(loss)
     assert all(p.dtype == dtype for p in model.parameters())
-    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
