@@ -27,13 +27,13 @@ def test_all_names_resolve(package):
         assert hasattr(module, name), f"{package}.__all__ lists {name!r}, which does not exist"
 
 
-def test_import_is_lean():
+def test_import_is_lean(tmp_path):
     """Importing the front-ends and kernels initialises no CUDA context and compiles nothing."""
     code = (
         "import torch, memtrain, zo2, memtrain.kernels.zo_perturb, memtrain.kernels.philox\n"
         "assert not torch.cuda.is_initialized()\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # cwd: keep the checkout off sys.path
 
 
 def test_cpp_extension_is_built():
@@ -53,14 +53,14 @@ def test_require_cpp_names_the_fix(monkeypatch):
         cpp.require_cpp()
 
 
-def test_env_report_runs():
+def test_env_report_runs(tmp_path):
     out = subprocess.run([sys.executable, "-m", "memtrain.env_report"], check=True, capture_output=True,
-                         text=True).stdout
+                         text=True, cwd=tmp_path).stdout
     for field in ("torch", "triton", "C++ extension", "zo_perturb_ backend"):
         assert field in out
 
 
-def test_cpu_use_survives_a_broken_triton():
+def test_cpu_use_survives_a_broken_triton(tmp_path):
     """A Triton that fails to import never breaks CPU use."""
     code = (
         "import sys; sys.modules['triton'] = None  # makes `import triton` raise ImportError\n"
@@ -72,7 +72,8 @@ def test_cpu_use_survives_a_broken_triton():
         "opt.step(lambda: (p ** 2).sum())\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=tmp_path).stdout
     assert out.strip() == "ok"
 
 

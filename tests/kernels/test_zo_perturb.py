@@ -127,7 +127,7 @@ def test_falls_back_to_torch_with_one_warning(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-def test_no_tensor_sized_temporaries(backend):
+def test_no_tensor_sized_temporaries(backend, tmp_path):
     """Peak RSS of a fresh process grows by far less than the parameter's size while updating it."""
     if backend == "cpp" and not cpp_available():
         pytest.fail("the C++ extension did not build")
@@ -142,7 +142,9 @@ def test_no_tensor_sized_temporaries(backend):
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print((after - before) * 1024)
     """)
-    grown = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    # cwd: a python -c run from the checkout would import its uninstalled sources
+    grown = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                               cwd=tmp_path).stdout)
     assert grown < 0.25 * 4 * n, f"peak memory grew by {grown / 1e6:.0f} MB while updating {4 * n / 1e6:.0f} MB"
 
 
