@@ -32,6 +32,10 @@ from zo2.noise import NoiseTarget, apply_terms, step_seed
 
 Closure = Callable[[], torch.Tensor | float]
 
+# Attributes beyond torch's optimizer state that define where a run is (kept by pickling and deepcopy).
+RUN_ATTRIBUTES = ("seed", "num_perturbations", "distribution", "check_dropout", "step_count", "skipped_steps",
+                  "projected_grad", "projected_grads")
+
 
 class NonFiniteLossWarning(RuntimeWarning):
     """A step saw a NaN or infinite loss and was skipped."""
@@ -210,6 +214,11 @@ class ZOSGD(torch.optim.Optimizer):
         returns, so this does nothing; ``zo2.offload`` engines apply their deferred update here."""
 
     # ------------------------------------------------------------------------------- serialisation
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # torch keeps only defaults, state and param_groups
+        state.update({name: getattr(self, name) for name in RUN_ATTRIBUTES})
+        return state
+
     def state_dict(self) -> dict:
         """torch's optimizer state plus the ``zo2`` entry (base seed, step counter, q, distribution),
         so that a resumed run draws the same directions as an uninterrupted one."""

@@ -168,6 +168,14 @@ def test_resume_continues_the_identical_trajectory(make_opt, batch, tmp_path):
     assert opt2.step_count == 6 and opt2.projected_grad == opt.projected_grad
 
 
+def test_deepcopy_keeps_the_run(opt_model, batch):
+    opt = zo2.ZOSGD(opt_model.parameters(), lr=1e-2, seed=7, num_perturbations=2)
+    opt.step(lambda: opt_model(**batch).loss)
+    clone = copy.deepcopy(opt)
+    assert (clone.seed, clone.step_count, clone.num_perturbations) == (7, 1, 2)
+    assert clone.seeds_for_step(1) == opt.seeds_for_step(1)
+
+
 @pytest.mark.parametrize("when", ["plus", "minus"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_loss_skips_and_restores(opt_model, batch, when, bad):
