@@ -29,7 +29,10 @@ def flatten_batch(t: Tensor, where: str, min_dim: int = 2) -> Tensor:
             "batch-first inputs (B, ..., features) so that each sample's gradient can be clipped; add the batch "
             "dimension (e.g. x.unsqueeze(0))."
         )
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    mid = 1
+    for d in t.shape[1:-1]:
+        mid *= d
+    return t.reshape(t.shape[0], mid, t.shape[-1])
 
 
 def trainable(p: Tensor | None) -> bool:

@@ -40,10 +40,15 @@ class NormUse(Use):
         return [Component(p, "dense", data=g) for p, g in self.pairs]
 
 
+def _rows(t: Tensor, n: int) -> Tensor:
+    """(B, ..., *normalized) → (B, M, n), also for an empty batch."""
+    B = t.shape[0]
+    return t.reshape(B, t.numel() // (B * n) if B * n else 0, n)
+
+
 def _per_sample(G: Tensor, xhat: Tensor, n: int) -> Tensor:
     """Σ over all non-batch, non-normalised positions of G ⊙ x̂: (B, n) fp32."""
-    B = G.shape[0]
-    return (G.float() * xhat.float()).reshape(B, -1, n).sum(1)
+    return _rows(G.float() * xhat.float(), n).sum(1)
 
 
 class DPLayerNormFunction(torch.autograd.Function):
@@ -73,7 +78,7 @@ class DPLayerNormFunction(torch.autograd.Function):
         if wp is not None:
             pairs.append((wp, _per_sample(G, (x - mean) * rstd, n)))
         if bp is not None:
-            pairs.append((bp, G.float().reshape(G.shape[0], -1, n).sum(1)))
+            pairs.append((bp, _rows(G.float(), n).sum(1)))
         if pairs:
             ctx.group.add_use(NormUse(pairs), ctx.where)
         return grad_x, None, None, None, None, None, None
