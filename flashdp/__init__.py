@@ -6,21 +6,28 @@
     loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
 """
 
+from .accounting import PrivacyAccountant, get_noise_multiplier
+from .data import poisson_loader
 from .errors import FlashDPError, ModelChangedError, UnsupportedModuleError
 from .layers_embedding import DPEmbedding
 from .layers_linear import DPLinear
 from .layers_norm import DPLayerNorm, DPRMSNorm
+from .optimizer import DPOptimizer
 from .privatize import make_private, privacy_state, register_layer
 
 __all__ = [
     "DPEmbedding",
     "DPLayerNorm",
     "DPLinear",
+    "DPOptimizer",
     "DPRMSNorm",
     "FlashDPError",
     "ModelChangedError",
+    "PrivacyAccountant",
     "UnsupportedModuleError",
+    "get_noise_multiplier",
     "make_private",
+    "poisson_loader",
     "privacy_state",
     "register_layer",
 ]

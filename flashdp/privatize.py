@@ -38,6 +38,7 @@ _BASES: list[tuple[type[nn.Module], type[nn.Module]]] = [
 ]
 _registry: dict[type[nn.Module], Callable[[nn.Module], None]] = {}
 _generated: dict[type[nn.Module], type[nn.Module]] = {}
+_STATES: weakref.WeakSet = weakref.WeakSet()  # every live PrivacyState, for DPOptimizer to find its model's
 
 
 def register_layer(module_cls: type[nn.Module], converter: Callable[[nn.Module], None]) -> None:
@@ -246,6 +247,7 @@ def make_private(
     for pid, p in params.items():
         state.hooks.append(p.register_hook(_outside_dp_hook(names.get(pid, "?"))))
     model.__dict__["_flashdp_state"] = state
+    _STATES.add(state)
     return model
 
 
