@@ -116,13 +116,12 @@ def batch_scale(batch_size: int, reduction: str = "mean") -> float:
 
 
 _pending: set[ClipGroup] = set()
-_callback_queued = {"value": False}
-_pass_batch = {"value": None}
+_pass: dict[str, int | None] = {"task": None, "batch": None}
 
 
 def _end_of_backward() -> None:
-    _callback_queued["value"] = False
-    _pass_batch["value"] = None
+    _pass["task"] = None
+    _pass["batch"] = None
     for g in list(_pending):
         g.finalize()
     _pending.clear()
@@ -130,16 +129,20 @@ def _end_of_backward() -> None:
 
 def _note_backward(batch_size: int, where: str) -> None:
     """Queue the end-of-backward flush once per pass and check all DP layers agree on the batch size."""
-    if not _callback_queued["value"]:
-        try:
-            torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward)
-            _callback_queued["value"] = True
-            _pass_batch["value"] = batch_size
-        except RuntimeError:  # not inside an engine run (e.g. a direct call in a test)
-            pass
-    elif _pass_batch["value"] is not None and _pass_batch["value"] != batch_size:
-        seen = _pass_batch["value"]
-        _pass_batch["value"] = None  # report once
+    task = torch._C._current_graph_task_id()
+    if task < 0:  # not inside an engine run (a direct call)
+        return
+    if _pass["task"] != task:
+        if _pending:  # left over by a backward pass that raised: its uses are void
+            for g in list(_pending):
+                g.pending = []
+            _pending.clear()
+        torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward)
+        _pass["task"] = task
+        _pass["batch"] = batch_size
+    elif _pass["batch"] is not None and _pass["batch"] != batch_size:
+        seen = _pass["batch"]
+        _pass["batch"] = None  # report once
         raise FlashDPError(
             f"flashdp: {where} saw a batch of {batch_size} samples but another DP layer in the same backward pass "
             f"saw {seen}. flashdp takes dim 0 of every DP layer's input as the sample dimension: keep inputs "

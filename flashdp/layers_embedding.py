@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .groups import ClipGroup, Component, Use, grad_buffer
-from .layers_common import dp_group, flatten_batch, will_backward
+from .layers_common import dp_group, flatten_batch, model_batch, sample_count, will_backward
 
 __all__ = ["DPEmbedding", "DPEmbeddingFunction", "EmbeddingUse"]
 
@@ -60,14 +60,16 @@ class DPEmbeddingFunction(torch.autograd.Function):
         y = F.embedding(ids, weight, module.padding_idx, module.max_norm, module.norm_type,
                         module.scale_grad_by_freq, module.sparse)
         ctx.save_for_backward(ids)
+        ctx.batch = sample_count(ids.shape[0], where)
         ctx.weight_p, ctx.group, ctx.where, ctx.padding_idx = weight, group, where, module.padding_idx
         return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (ids,) = ctx.saved_tensors
-        ids2 = ids.reshape(ids.shape[0], -1)
-        G = flatten_batch(grad_out, ctx.where)
+        B = ctx.batch
+        ids2 = ids.reshape(B, ids.numel() // B if B else 0)
+        G = flatten_batch(grad_out, ctx.where, batch=B)
         if ctx.padding_idx is not None:
             G = G * (ids2 != ctx.padding_idx).unsqueeze(-1).to(G.dtype)
         ctx.group.add_use(EmbeddingUse(ids2, G, ctx.weight_p), ctx.where)
@@ -82,6 +84,11 @@ class DPEmbedding(nn.Embedding):
             return super().forward(ids)
         where = self.__dict__.get("_flashdp_name", "Embedding")
         flatten_batch(ids.unsqueeze(-1), where)  # raises on 0-d ids: there is no batch dimension
+        B = model_batch()
+        if B is not None and B > 1 and ids.shape[0] == 1:
+            # Broadcast ids (GPT-2's position_ids of shape (1, T)): the output would be broadcast over the batch
+            # later, summing the samples' gradients; expand so each sample keeps its own rows.
+            ids = ids.expand(B, *ids.shape[1:])
         group = dp_group(self)
         group.note_forward()
         return DPEmbeddingFunction.apply(ids, self.weight, self, group, where)

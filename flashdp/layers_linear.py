@@ -23,7 +23,7 @@ from memtrain.kernels.dp_linear_norms import dp_linear_norms
 
 from .dispatch import choose_path
 from .groups import ClipGroup, Component, Use, grad_buffer
-from .layers_common import autocast_inputs, dp_group, flatten_batch, trainable, will_backward
+from .layers_common import autocast_inputs, dp_group, flatten_batch, sample_count, trainable, will_backward
 
 __all__ = ["DPConv1DMixin", "DPLinear", "DPLinearFunction", "LinearUse"]
 
@@ -93,6 +93,7 @@ class DPLinearFunction(torch.autograd.Function):
         ctx.weight_p = weight if trainable(weight) else None
         ctx.bias_p = bias if trainable(bias) else None
         ctx.x_dtype = x.dtype
+        ctx.batch = sample_count(x.shape[0], where)
         return y
 
     @staticmethod
@@ -102,8 +103,8 @@ class DPLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(w if ctx.layout == "out_in" else w.t()).to(ctx.x_dtype)
         if ctx.weight_p is not None or ctx.bias_p is not None:
-            G = flatten_batch(grad_out, ctx.where)
-            X = flatten_batch(x, ctx.where)
+            G = flatten_batch(grad_out, ctx.where, batch=ctx.batch)
+            X = flatten_batch(x, ctx.where, batch=ctx.batch)
             if X.dtype != G.dtype:
                 X = X.to(G.dtype)
             ctx.group.add_use(LinearUse(G, X, ctx.weight_p, ctx.bias_p, ctx.layout), ctx.where)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .groups import ClipGroup, Component, Use, grad_buffer
-from .layers_common import dp_group, flatten_batch, trainable, will_backward
+from .layers_common import dp_group, flatten_batch, sample_count, trainable, will_backward
 
 __all__ = ["DPHFRMSNormMixin", "DPLayerNorm", "DPRMSNorm", "NormUse", "hf_rms_normalize"]
 
@@ -40,15 +40,14 @@ class NormUse(Use):
         return [Component(p, "dense", data=g) for p, g in self.pairs]
 
 
-def _rows(t: Tensor, n: int) -> Tensor:
-    """(B, ..., *normalized) → (B, M, n), also for an empty batch."""
-    B = t.shape[0]
+def _rows(t: Tensor, n: int, B: int) -> Tensor:
+    """(B, ..., *normalized) (or sample-major flattened rows) → (B, M, n), also for an empty batch."""
     return t.reshape(B, t.numel() // (B * n) if B * n else 0, n)
 
 
-def _per_sample(G: Tensor, xhat: Tensor, n: int) -> Tensor:
+def _per_sample(G: Tensor, xhat: Tensor, n: int, B: int) -> Tensor:
     """Σ over all non-batch, non-normalised positions of G ⊙ x̂: (B, n) fp32."""
-    return _rows(G.float() * xhat.float(), n).sum(1)
+    return _rows(G.float() * xhat.float(), n, B).sum(1)
 
 
 class DPLayerNormFunction(torch.autograd.Function):
@@ -61,6 +60,7 @@ class DPLayerNormFunction(torch.autograd.Function):
             y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
         ctx.shape, ctx.group, ctx.where = shape, group, where
+        ctx.batch = sample_count(x.shape[0], where) if x.dim() > len(shape) else 0
         return y
 
     @staticmethod
@@ -76,9 +76,9 @@ class DPLayerNormFunction(torch.autograd.Function):
         pairs = []
         wp, bp = ctx.params
         if wp is not None:
-            pairs.append((wp, _per_sample(G, (x - mean) * rstd, n)))
+            pairs.append((wp, _per_sample(G, (x - mean) * rstd, n, ctx.batch)))
         if bp is not None:
-            pairs.append((bp, _rows(G.float(), n).sum(1)))
+            pairs.append((bp, _rows(G.float(), n, ctx.batch).sum(1)))
         if pairs:
             ctx.group.add_use(NormUse(pairs), ctx.where)
         return grad_x, None, None, None, None, None, None
@@ -115,6 +115,7 @@ class DPRMSNormFunction(torch.autograd.Function):
             y = _rms_forward(x, weight, shape, eps, kind)
         ctx.save_for_backward(x, weight)
         ctx.shape, ctx.eps, ctx.kind, ctx.group, ctx.where = shape, eps, kind, group, where
+        ctx.batch = sample_count(x.shape[0], where) if x.dim() > len(shape) else 0
         ctx.weight_p = weight if trainable(weight) else None
         return y
 
@@ -131,7 +132,7 @@ class DPRMSNormFunction(torch.autograd.Function):
             flatten_batch(x.new_empty(()), ctx.where, min_dim=1)
         if ctx.weight_p is not None:
             n = math.prod(ctx.shape)
-            ctx.group.add_use(NormUse([(ctx.weight_p, _per_sample(G, xhat.detach(), n))]), ctx.where)
+            ctx.group.add_use(NormUse([(ctx.weight_p, _per_sample(G, xhat.detach(), n, ctx.batch))]), ctx.where)
         return grad_x, None, None, None, None, None, None
 
 

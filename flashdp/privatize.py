@@ -246,6 +246,8 @@ def make_private(
                          reduction=loss_reduction, model_ref=weakref.ref(model))
     for pid, p in params.items():
         state.hooks.append(p.register_hook(_outside_dp_hook(names.get(pid, "?"))))
+    state.hooks.append(model.register_forward_pre_hook(_batch_pre_hook, with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_batch_post_hook, always_call=True))
     model.__dict__["_flashdp_state"] = state
     _STATES.add(state)
     return model
@@ -259,6 +261,29 @@ def _override(spec, paths: list[str]) -> float | None:
         if v is not None:
             return float(v)
     return None
+
+
+_batch_stack: list[int | None] = []
+_BATCH_KWARGS = ("input_ids", "inputs_embeds", "x", "input", "pixel_values")
+
+
+def _batch_pre_hook(module, args, kwargs):
+    """Record the batch size of the model's input (dim 0 of its first tensor argument)."""
+    from . import layers_common
+
+    t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if t is None:
+        t = next((kwargs[k] for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if t is None:
+        t = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    _batch_stack.append(layers_common._MODEL_BATCH["value"])
+    layers_common._MODEL_BATCH["value"] = int(t.shape[0]) if t is not None and t.dim() > 0 else None
+
+
+def _batch_post_hook(module, args, output):
+    from . import layers_common
+
+    layers_common._MODEL_BATCH["value"] = _batch_stack.pop() if _batch_stack else None
 
 
 def _outside_dp_hook(name: str):
