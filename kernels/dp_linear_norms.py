@@ -26,7 +26,7 @@ try:  # Triton is a Linux x86-64 dependency only; the torch path must work witho
 except Exception:  # pragma: no cover - platform without Triton
     _HAS_TRITON = False
 
-__all__ = ["dp_linear_norms", "ghost_is_cheaper"]
+__all__ = ["dp_linear_norms", "ghost_is_cheaper", "gram"]
 
 if _HAS_TRITON:
 
@@ -135,7 +135,13 @@ def _chunk(per_sample_bytes: int, budget: int = 32 << 20) -> int:
     return max(1, budget // max(per_sample_bytes, 1))
 
 
-def _dp_linear_norms_torch(G: Tensor, X: Tensor, with_bias: bool, method: str) -> Tensor:
+def gram(X: Tensor) -> Tensor:
+    """(B, T, T) fp32 per-sample Gram matrices X_b X_bᵀ (to share between layers reading the same input)."""
+    x = X.float()
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def _dp_linear_norms_torch(G: Tensor, X: Tensor, with_bias: bool, method: str, x_gram: Tensor | None = None) -> Tensor:
     B, T, d_in, d_out = _check(G, X)
     out = torch.empty(B, device=G.device, dtype=torch.float32)
     if method == "ghost":
@@ -143,10 +149,10 @@ def _dp_linear_norms_torch(G: Tensor, X: Tensor, with_bias: bool, method: str) -
         step = _chunk(2 * T * T * 4)
         for s in range(0, B, step):
             g = G[s:s + step].float()
-            x = X[s:s + step].float()
             gg = torch.bmm(g, g.transpose(1, 2))
-            xx = torch.bmm(x, x.transpose(1, 2))
-            out[s:s + step] = (gg.mul_(xx)).sum((1, 2))
+            xx = x_gram[s:s + step] if x_gram is not None else gram(X[s:s + step])
+            out[s:s + step] = torch.vdot(gg.reshape(-1), xx.reshape(-1)) if gg.shape[0] == 1 else \
+                (gg.mul_(xx)).sum((1, 2))
     elif method == "direct":
         step = _chunk(d_in * d_out * 4)
         for s in range(0, B, step):
@@ -159,7 +165,8 @@ def _dp_linear_norms_torch(G: Tensor, X: Tensor, with_bias: bool, method: str) -
     return out
 
 
-def dp_linear_norms(G: Tensor, X: Tensor, *, with_bias: bool = False, method: str | None = None) -> Tensor:
+def dp_linear_norms(G: Tensor, X: Tensor, *, with_bias: bool = False, method: str | None = None,
+                    x_gram: Tensor | None = None) -> Tensor:
     """Per-sample squared norms of a Linear layer's weight (and bias) gradient.
 
     Args:
@@ -167,6 +174,7 @@ def dp_linear_norms(G: Tensor, X: Tensor, *, with_bias: bool = False, method: st
         X: layer input, (B, T, in).
         with_bias: add ``‖Σ_t G_b[t]‖²``, the bias gradient's squared norm.
         method: ``"direct"`` or ``"ghost"``; by default the one with fewer flops.
+        x_gram: optional precomputed ``gram(X)`` (B, T, T) for the ghost form (CPU path).
 
     Returns:
         (B,) float32 tensor of ``‖G_bᵀ X_b‖² (+ ‖Σ_t G_b[t]‖²)``.
@@ -175,4 +183,4 @@ def dp_linear_norms(G: Tensor, X: Tensor, *, with_bias: bool = False, method: st
         method = "ghost" if ghost_is_cheaper(G.shape[1], X.shape[-1], G.shape[-1]) else "direct"
     if G.device.type == "cuda" and _HAS_TRITON:
         return _dp_linear_norms_triton(G, X, with_bias, method)
-    return _dp_linear_norms_torch(G, X, with_bias, method)
+    return _dp_linear_norms_torch(G, X, with_bias, method, x_gram)
