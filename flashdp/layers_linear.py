@@ -70,9 +70,12 @@ class LinearUse(Use):
         return self.G.float().sum(1).square().sum(1)
 
     def accumulate(self, coef: Tensor) -> None:
-        gw = grad_buffer(self.weight) if self.weight is not None else None
+        fresh = self.weight is not None and self.weight.grad is None
+        if fresh:  # written, not added: no zero fill, no extra pass over the weight-sized gradient
+            self.weight.grad = torch.empty_like(self.weight)
+        gw = self.weight.grad if self.weight is not None else None
         gb = grad_buffer(self.bias) if self.bias is not None else None
-        dp_clip_accumulate_(self.G, self.X, coef, gw, gb, layout=self.layout)
+        dp_clip_accumulate_(self.G, self.X, coef, gw, gb, layout=self.layout, overwrite=fresh)
 
     def components(self) -> list[Component]:
         out = []

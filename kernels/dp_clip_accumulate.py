@@ -76,8 +76,10 @@ def _check(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tensor | None, layout: st
 
 
 def _dp_clip_accumulate_triton(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tensor | None,
-                               grad_b: Tensor | None, layout: str) -> None:
+                               grad_b: Tensor | None, layout: str, overwrite: bool = False) -> None:
     _check(G, X, coef, grad_w, layout)
+    if overwrite and grad_w is not None:
+        grad_w.zero_()
     B, T, d_out = G.shape
     d_in = X.shape[2]
     if B * T == 0:
@@ -98,10 +100,12 @@ def _dp_clip_accumulate_triton(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tenso
 
 
 def _dp_clip_accumulate_torch(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tensor | None,
-                              grad_b: Tensor | None, layout: str) -> None:
+                              grad_b: Tensor | None, layout: str, overwrite: bool = False) -> None:
     _check(G, X, coef, grad_w, layout)
     B, T, d_out = G.shape
     if B * T == 0:
+        if overwrite and grad_w is not None:
+            grad_w.zero_()
         return
     # (cG)ᵀX = Gᵀ(cX): scale the narrower operand, so the temporary is min(out, in)·B·T elements (an LM
     # head scales X (B·T×512), not G (B·T×32000): 8 MiB instead of 500 MiB at B=32, T=128).
@@ -113,7 +117,9 @@ def _dp_clip_accumulate_torch(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tensor
         x2 = (X if scale_g else X * c.to(X.dtype)).reshape(B * T, d_in)
         a, b = (g2.t(), x2) if layout == "out_in" else (x2.t(), g2)
         if grad_w.dtype == g2.dtype:
-            grad_w.addmm_(a, b)
+            grad_w.addmm_(a, b, beta=0 if overwrite else 1)  # beta=0 ignores grad_w's (uninitialised) values
+        elif overwrite:
+            grad_w.copy_(torch.mm(a, b))
         else:
             grad_w.add_(torch.mm(a, b))
     if grad_b is not None:
@@ -122,7 +128,7 @@ def _dp_clip_accumulate_torch(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tensor
 
 
 def dp_clip_accumulate_(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tensor | None, grad_b: Tensor | None = None,
-                        *, layout: str = "out_in") -> None:
+                        *, layout: str = "out_in", overwrite: bool = False) -> None:
     """Add the row-scaled GEMM ``(coef ⊙ G)ᵀ X`` to ``grad_w`` and ``Σ (coef ⊙ G)`` to ``grad_b`` in place.
 
     Args:
@@ -132,8 +138,9 @@ def dp_clip_accumulate_(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tensor | Non
         grad_w: (out, in) for ``layout="out_in"``, (in, out) for ``"in_out"``; or None to skip.
         grad_b: (out,) or None.
         layout: weight layout, see above.
+        overwrite: write ``grad_w`` instead of adding to it (a fresh ``empty`` buffer: saves a fill and a pass).
     """
     if G.device.type == "cuda" and _HAS_TRITON:
-        _dp_clip_accumulate_triton(G, X, coef, grad_w, grad_b, layout)
+        _dp_clip_accumulate_triton(G, X, coef, grad_w, grad_b, layout, overwrite)
     else:
-        _dp_clip_accumulate_torch(G, X, coef, grad_w, grad_b, layout)
+        _dp_clip_accumulate_torch(G, X, coef, grad_w, grad_b, layout, overwrite)
