@@ -107,45 +107,46 @@ def hf_rms_normalize(x: Tensor, eps: float) -> Tensor:
 
 
 class DPRMSNormFunction(torch.autograd.Function):
-    """``y = weight * normalize(x)``; ``normalize`` is torch's rms_norm or the HF one (``kind``)."""
+    """``y = weight * x̂``, ``x̂ = x·r``, ``r = (mean(x²) + eps)^(-1/2)`` over the normalised dims, in fp32.
+
+    ``kind="hf"``: Hugging Face's Llama-style maths (fp32, x̂ cast to x's dtype before the weight);
+    ``kind="torch"``: ``F.rms_norm`` (eps None → the dtype's machine epsilon). Backward is analytic from the
+    saved input and ``r`` (no recomputed forward): ``∂x = r·(g − x̂·mean(g ⊙ x̂))`` with ``g = G ⊙ weight``.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, shape, eps, kind, group: ClipGroup, where: str):
+        dims = tuple(range(-len(shape), 0))
+        if eps is None:
+            eps = torch.finfo(x.dtype).eps
         with torch.autocast(x.device.type, enabled=False):
-            y = _rms_forward(x, weight, shape, eps, kind)
-        ctx.save_for_backward(x, weight)
-        ctx.shape, ctx.eps, ctx.kind, ctx.group, ctx.where = shape, eps, kind, group, where
+            h = x.to(torch.float32)
+            r = torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
+            if kind == "hf":
+                y = weight * (h * r).to(x.dtype)
+            else:
+                y = F.rms_norm(x, shape, weight, eps)
+        ctx.save_for_backward(x, weight, r)
+        ctx.shape, ctx.dims, ctx.group, ctx.where = shape, dims, group, where
         ctx.batch = sample_count(x.shape[0], where) if x.dim() > len(shape) else 0
         ctx.weight_p = weight if trainable(weight) else None
         return y
 
     @staticmethod
     def backward(ctx, G):
-        x, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            xr = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            xhat = _rms_normalize(xr, ctx.shape, ctx.eps, ctx.kind)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                (grad_x,) = torch.autograd.grad(weight.detach() * xhat, xr, G)
+        x, weight, r = ctx.saved_tensors
         if x.dim() <= len(ctx.shape):
             flatten_batch(x.new_empty(()), ctx.where, min_dim=1)
+        xhat = x.to(torch.float32) * r
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = G.to(torch.float32) * weight.to(torch.float32)
+            grad_x = (r * (g - xhat * (g * xhat).mean(ctx.dims, keepdim=True))).to(x.dtype)
         if ctx.weight_p is not None:
             n = math.prod(ctx.shape)
-            ctx.group.add_use(NormUse([(ctx.weight_p, _per_sample(G, xhat.detach(), n, ctx.batch))]), ctx.where)
+            xh = xhat.to(x.dtype) if x.dtype != torch.float32 else xhat  # the x̂ the weight multiplied
+            ctx.group.add_use(NormUse([(ctx.weight_p, _per_sample(G, xh, n, ctx.batch))]), ctx.where)
         return grad_x, None, None, None, None, None, None
-
-
-def _rms_normalize(x: Tensor, shape: tuple[int, ...], eps: float | None, kind: str) -> Tensor:
-    if kind == "hf":
-        return hf_rms_normalize(x, eps)
-    return F.rms_norm(x, shape, None, eps)
-
-
-def _rms_forward(x: Tensor, weight: Tensor, shape: tuple[int, ...], eps: float | None, kind: str) -> Tensor:
-    if kind == "hf":
-        return weight * hf_rms_normalize(x, eps)
-    return F.rms_norm(x, shape, weight, eps)
 
 
 def _rms_dp_forward(module: nn.Module, x: Tensor, shape: tuple[int, ...], eps: float | None, kind: str,

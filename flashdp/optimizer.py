@@ -155,7 +155,11 @@ class DPOptimizer(Optimizer):
             return
         for p in params:
             std = self.noise_multiplier * self._threshold[id(p)]
-            p.grad.add_(self._noise(p, std).to(p.grad.dtype))
+            if p.grad.dtype == torch.float32 and not self.secure_mode:
+                # one pass: N(grad, std²) drawn straight into a new fp32 tensor (no noise buffer + add)
+                p.grad = torch.normal(p.grad, std, generator=self._generator(p.device))
+            else:
+                p.grad.add_(self._noise(p, std).to(p.grad.dtype))
 
     # -- step ----------------------------------------------------------------------------------------------
     def step(self, closure=None):
