@@ -144,7 +144,13 @@ def _env() -> dict:
     import opacus
     import transformers
 
-    return {"device_name": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"device_name": cpu, "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__, "opacus": opacus.__version__,
             "git_sha": sha, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "python": platform.python_version()}

@@ -115,39 +115,37 @@ def batch_scale(batch_size: int, reduction: str = "mean") -> float:
     return float(batch_size) if reduction == "mean" else 1.0
 
 
-_pending: set[ClipGroup] = set()
-_pass: dict[str, int | None] = {"task": None, "batch": None}
+# Groups with deferred uses, by the autograd graph task (backward pass) they belong to. Passes are told
+# apart by the engine's graph-task id, so a nested backward (reentrant checkpointing) flushes only its own
+# groups, and the batch-size check is per pass.
+_pending: dict[ClipGroup, int] = {}
+_batch_of_task: dict[int, int | None] = {}
 
 
-def _end_of_backward() -> None:
-    _pass["task"] = None
-    _pass["batch"] = None
-    for g in list(_pending):
-        g.finalize()
-    _pending.clear()
+def _end_of_backward(task: int) -> None:
+    _batch_of_task.pop(task, None)
+    for g, t in list(_pending.items()):
+        if t == task:
+            g.finalize()
 
 
-def _note_backward(batch_size: int, where: str) -> None:
+def _note_backward(batch_size: int, where: str) -> int:
     """Queue the end-of-backward flush once per pass and check all DP layers agree on the batch size."""
     task = torch._C._current_graph_task_id()
     if task < 0:  # not inside an engine run (a direct call)
-        return
-    if _pass["task"] != task:
-        if _pending:  # left over by a backward pass that raised: its uses are void
-            for g in list(_pending):
-                g.pending = []
-            _pending.clear()
-        torch.autograd.Variable._execution_engine.queue_callback(_end_of_backward)
-        _pass["task"] = task
-        _pass["batch"] = batch_size
-    elif _pass["batch"] is not None and _pass["batch"] != batch_size:
-        seen = _pass["batch"]
-        _pass["batch"] = None  # report once
+        return task
+    if task not in _batch_of_task:
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _end_of_backward(task))
+        _batch_of_task[task] = batch_size
+    elif _batch_of_task[task] is not None and _batch_of_task[task] != batch_size:
+        seen = _batch_of_task[task]
+        _batch_of_task[task] = None  # report once
         raise FlashDPError(
             f"flashdp: {where} saw a batch of {batch_size} samples but another DP layer in the same backward pass "
             f"saw {seen}. flashdp takes dim 0 of every DP layer's input as the sample dimension: keep inputs "
             "batch-first (e.g. batch_first=True) and do not reshape the batch into other dims."
         )
+    return task
 
 
 @dataclass(eq=False)
@@ -168,16 +166,20 @@ class ClipGroup:
 
     def add_use(self, use: Use, where: str) -> None:
         """Called by a DP layer's backward; clips now, or later once every use of the pass has arrived."""
-        _note_backward(use.batch_size, where)
+        task = _note_backward(use.batch_size, where)
+        if self.pending and _pending.get(self) != task:
+            # uses left by a backward pass that raised before its end: void (that pass produced no step)
+            self.pending = []
+            _pending.pop(self, None)
         self.pending.append(use)
         if len(self.pending) >= max(self.expected_uses, 1):
             self.finalize()
         else:
-            _pending.add(self)
+            _pending[self] = task
 
     def finalize(self) -> None:
         uses, self.pending = self.pending, []
-        _pending.discard(self)
+        _pending.pop(self, None)
         if not uses:
             return
         self.expected_uses = max(0, self.expected_uses - len(uses))

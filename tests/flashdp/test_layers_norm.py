@@ -130,3 +130,31 @@ def test_tied_embedding_and_head_one_group_with_cross_term(ref):
     torch.testing.assert_close(tied.last_sq_norms.double().sqrt() * B, torch.tensor([r[0] for r in norms],
                                dtype=torch.float64) if groups[0][0].startswith("emb") else
                                torch.tensor([r[1] for r in norms], dtype=torch.float64), rtol=1e-4, atol=1e-6)
+
+
+def test_tied_group_under_reentrant_checkpointing(ref):
+    from torch.utils.checkpoint import checkpoint
+
+    class TiedCkpt(nn.Module):
+        def __init__(self, V=9, d=6):
+            super().__init__()
+            self.emb = nn.Embedding(V, d)
+            self.mid = nn.Linear(d, d)
+            self.head = nn.Linear(d, V, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            if torch.is_grad_enabled():
+                h = checkpoint(lambda t: torch.tanh(self.mid(t)), h, use_reentrant=True)
+            else:
+                h = torch.tanh(self.mid(h))
+            return self.head(h)
+
+    B = 4
+    model = TiedCkpt()
+    ids = torch.randint(0, 9, (B, 5))
+    want, _, _ = ref.per_sample_clipped_sum(model, lambda m, b: m(ids[b:b + 1]).pow(2).mean(), B, 0.5)
+    flashdp.make_private(model, 0.5)
+    model(ids).pow(2).mean().backward()
+    ref.assert_grads_close(model, want)
