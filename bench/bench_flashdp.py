@@ -61,13 +61,12 @@ def _build(args):
     return model, ids
 
 
-def _worker(args) -> dict:
+def _make_step(args, method: str):
+    """Build a fresh model for ``method`` and return (step function, trainable parameters)."""
     import torch
 
-    torch.set_num_threads(args.threads)
     model, ids = _build(args)
     model.train()
-    method = args.worker
     params = [p for p in model.parameters() if p.requires_grad]
     crit = torch.nn.CrossEntropyLoss()
     V = args.vocab
@@ -119,6 +118,17 @@ def _worker(args) -> dict:
             opt.step()
             opt.zero_grad()
 
+    return step, params
+
+
+def _worker(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker == "interleaved":
+        return _interleaved(args)
+    method = args.worker
+    step, params = _make_step(args, method)
     rss_setup = _rss_mb()
     for _ in range(args.warmup):
         step()
@@ -132,6 +142,26 @@ def _worker(args) -> dict:
     return {"method": method, "step_s": times, "median_step_s": med, "tokens_per_s": args.batch * args.seq / med,
             "peak_rss_mb": peak, "rss_after_setup_mb": rss_setup, "train_increment_mb": peak - rss_setup,
             "trainable_params": sum(p.numel() for p in params)}
+
+
+def _interleaved(args) -> dict:
+    """Time every method in one process, one step each in turn (A B C D A B C D ...).
+
+    On a shared machine the load changes over minutes; interleaving single steps exposes every method to
+    the same load, so the throughput ratios are fair even when the absolute numbers drift.
+    """
+    methods = [m for m in args.methods.split(",") if not (m.startswith("opacus") and args.trainable == "all")]
+    steps = {m: _make_step(args, m)[0] for m in methods}
+    for _ in range(args.warmup):
+        for m in methods:
+            steps[m]()
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.steps):
+        for m in methods:
+            t0 = time.perf_counter()
+            steps[m]()
+            times[m].append(time.perf_counter() - t0)
+    return {"times": times}
 
 
 def _env() -> dict:
@@ -169,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--interleave", action="store_true",
+                    help="time all methods in one process, one step each in turn (fair on a shared machine); "
+                         "peak memory still comes from one fresh process per method")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the methods this many times, interleaved (A B C A B C); keep each method's fastest run")
     ap.add_argument("--trainable", choices=("all", "linear"), default="all")
@@ -191,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", m,
                    *(argv if argv is not None else sys.argv[1:])]
+            if args.interleave:  # this run is for peak memory only: one step after the warm-up is enough
+                cmd += ["--steps", "1"]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -200,6 +235,23 @@ def main(argv: list[str] | None = None) -> None:
             runs[m].append(json.loads(line[len("RESULT "):]))
             r = runs[m][-1]
             print(f"[{rep}] {m}: {r['tokens_per_s']:.1f} tok/s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+    if args.interleave:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "interleaved",
+               *(argv if argv is not None else sys.argv[1:])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"interleaved timing failed:\n{proc.stderr[-3000:]}")
+        inter = json.loads(line[len("RESULT "):])["times"]
+        for m, ts in inter.items():
+            for r in runs[m]:
+                if "tokens_per_s" in r:
+                    r["separate_process_tokens_per_s"] = r["tokens_per_s"]
+                    r["step_s"] = ts
+                    r["median_step_s"] = statistics.median(ts)
+                    r["tokens_per_s"] = args.batch * args.seq / r["median_step_s"]
+                    r["timing"] = "interleaved"
+            print(f"interleaved {m}: {args.batch * args.seq / statistics.median(ts):.1f} tok/s", flush=True)
     rows = []
     for m in methods:
         ok = [r for r in runs[m] if "tokens_per_s" in r]
