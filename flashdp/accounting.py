@@ -10,12 +10,16 @@
 
 from __future__ import annotations
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier as _opacus_get_noise_multiplier
-
 __all__ = ["PrivacyAccountant", "get_noise_multiplier"]
 
-_KINDS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+_MECHANISMS = ("prv", "rdp")
+
+
+def _kinds() -> dict:
+    # Opacus is imported on first use: it takes seconds to import and most of flashdp does not need it.
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return {"rdp": RDPAccountant, "prv": PRVAccountant}
 
 
 class PrivacyAccountant:
@@ -27,10 +31,10 @@ class PrivacyAccountant:
     """
 
     def __init__(self, mechanism: str = "prv"):
-        if mechanism not in _KINDS:
-            raise ValueError(f"flashdp.PrivacyAccountant: mechanism must be one of {sorted(_KINDS)}, got {mechanism!r}")
+        if mechanism not in _MECHANISMS:
+            raise ValueError(f"flashdp.PrivacyAccountant: mechanism must be one of {_MECHANISMS}, got {mechanism!r}")
         self.mechanism = mechanism
-        self._acct = _KINDS[mechanism]()
+        self._acct = _kinds()[mechanism]()
 
     def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
         """Record one step of the subsampled Gaussian mechanism."""
@@ -56,7 +60,7 @@ class PrivacyAccountant:
 
     def load_state_dict(self, sd: dict) -> None:
         self.mechanism = sd["mechanism"]
-        self._acct = _KINDS[self.mechanism]()
+        self._acct = _kinds()[self.mechanism]()
         self._acct.history = list(sd["history"])
 
 
@@ -67,6 +71,8 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
     if target_epsilon <= 0 or not 0 < target_delta < 1:
         raise ValueError(f"flashdp.get_noise_multiplier: need target_epsilon > 0 and 0 < target_delta < 1, "
                          f"got {target_epsilon}, {target_delta}")
+    from opacus.accountants.utils import get_noise_multiplier as _opacus_get_noise_multiplier
+
     return float(_opacus_get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
                                               sample_rate=sample_rate, steps=steps, epochs=epochs,
                                               accountant=mechanism, epsilon_tolerance=epsilon_tolerance))

@@ -8,7 +8,6 @@ and backward passes, but still call ``DPOptimizer.step()``: the noise of that st
 from __future__ import annotations
 
 import torch
-from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["poisson_loader"]
@@ -29,6 +28,8 @@ def poisson_loader(data: Dataset | DataLoader, *, sample_rate: float | None = No
     Returns:
         The loader; ``len(loader)`` steps make one expected epoch.
     """
+    from opacus.data_loader import DPDataLoader  # imported on first use (slow import)
+
     if isinstance(data, DataLoader):
         if sample_rate is not None or expected_batch_size is not None:
             n = len(data.dataset)
