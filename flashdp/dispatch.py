@@ -9,7 +9,7 @@ Paths (all exact; they differ in cost only):
 
 Choice on CPU (measured on the 2-core machine, bench/kernels/bench_dp_clip_once.py, B=32, T=128): ghost
 whenever it has fewer flops than the direct form; it beat ``once`` on every transformer shape measured
-(512×512: 63 vs 67 ms, 512×1376: 131 vs 159 ms, 512×32000: 2154 vs 4661 ms; the per-sample ``bmm`` with
+(512×512: 38 vs 45 ms, 512×1376: 92 vs 121 ms, 512×32000: 1705 vs 4579 ms; the per-sample ``bmm`` with
 K=T=128 runs at about half the speed of the one big GEMM). ``once`` otherwise (short-T, small layers).
 On CUDA: the cooperative single pass where the layer's tiles fit co-resident, else ghost/direct by flops.
 
