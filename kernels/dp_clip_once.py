@@ -68,6 +68,12 @@ def _dp_clip_once_torch(G: Tensor, X: Tensor, grad_w: Tensor | None, grad_b: Ten
 def _load_cuda():  # pragma: no cover - needs CUDA
     from torch.utils.cpp_extension import load_inline
 
+    if not _CSRC.exists():
+        raise RuntimeError(
+            f"dp_clip_once: CUDA source {_CSRC} not found (csrc/ is not shipped in a non-editable install); "
+            "install memtrain from a checkout with `pip install -e .`, or force the two-pass path with "
+            "FLASHDP_PATH=ghost"
+        )
     cpp = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
