@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import warnings
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ _CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "dp_clip.cu"
 # Tile of the cooperative kernel (csrc/dp_clip.cu: DP_TILE_O × DP_TILE_I outputs per block).
 _TILE_O = 32
 _TILE_I = 32
+_warned: list[bool] = []
 
 
 def _chunk(per_sample_bytes: int, budget: int = 32 << 20) -> int:
@@ -142,5 +144,11 @@ def dp_clip_once_(G: Tensor, X: Tensor, grad_w: Tensor | None, grad_b: Tensor | 
     if (G.device.type == "cuda" and grad_w is not None and grad_b is None and layout == "out_in"
             and grad_w.dtype == torch.float32 and grad_w.is_contiguous()
             and cuda_once_fits(G.shape[2], X.shape[2], G.device)):  # pragma: no cover - needs CUDA
-        return _dp_clip_once_cuda(G, X, grad_w, grad_b, max_norm, scale)
+        try:
+            return _dp_clip_once_cuda(G, X, grad_w, grad_b, max_norm, scale)
+        except RuntimeError as exc:  # not compilable here, or the tiles do not fit: same result, chunked path
+            if not _warned:
+                _warned.append(True)
+                warnings.warn(f"dp_clip_once_: the cooperative CUDA kernel is unavailable ({exc}); using the "
+                              "chunked torch path", RuntimeWarning, stacklevel=2)
     return _dp_clip_once_torch(G, X, grad_w, grad_b, max_norm, scale, layout)
