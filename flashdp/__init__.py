@@ -1,3 +1,33 @@
-"""flashdp: DP-SGD with per-layer clipping fused into each layer's backward."""
+"""flashdp: DP-SGD with per-layer clipping fused into each layer's backward.
 
-__all__: list[str] = []
+    model = flashdp.make_private(model, max_grad_norm=1.0)
+    opt = flashdp.DPOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4),
+                              noise_multiplier=1.0, expected_batch_size=32)
+    loss = model(**batch).loss; loss.backward(); opt.step(); opt.zero_grad()
+"""
+
+from .accounting import PrivacyAccountant, get_noise_multiplier
+from .data import poisson_loader
+from .errors import FlashDPError, ModelChangedError, UnsupportedModuleError
+from .layers_embedding import DPEmbedding
+from .layers_linear import DPLinear
+from .layers_norm import DPLayerNorm, DPRMSNorm
+from .optimizer import DPOptimizer
+from .privatize import make_private, privacy_state, register_layer
+
+__all__ = [
+    "DPEmbedding",
+    "DPLayerNorm",
+    "DPLinear",
+    "DPOptimizer",
+    "DPRMSNorm",
+    "FlashDPError",
+    "ModelChangedError",
+    "PrivacyAccountant",
+    "UnsupportedModuleError",
+    "get_noise_multiplier",
+    "make_private",
+    "poisson_loader",
+    "privacy_state",
+    "register_layer",
+]

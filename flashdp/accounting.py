@@ -1,0 +1,78 @@
+"""Privacy accounting: a thin adapter over Opacus's maintained accountants (no hand-written privacy maths).
+
+    acct = flashdp.PrivacyAccountant("prv")            # or "rdp"
+    opt = flashdp.DPOptimizer(inner, noise_multiplier=σ, expected_batch_size=B, accountant=acct, sample_rate=q)
+    ... training ...
+    acct.epsilon(delta=1e-5)
+
+    σ = flashdp.get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=q, steps=1000)
+"""
+
+from __future__ import annotations
+
+__all__ = ["PrivacyAccountant", "get_noise_multiplier"]
+
+_MECHANISMS = ("prv", "rdp")
+
+
+def _kinds() -> dict:
+    # Opacus is imported on first use: it takes seconds to import and most of flashdp does not need it.
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
+class PrivacyAccountant:
+    """Track (ε, δ) of Poisson-subsampled Gaussian steps with Opacus's RDP or PRV accountant.
+
+    Args:
+        mechanism: ``"rdp"`` (Rényi DP, Mironov 2017; Opacus's default) or ``"prv"`` (privacy random
+            variables, Gopi et al. 2021; tighter).
+    """
+
+    def __init__(self, mechanism: str = "prv"):
+        if mechanism not in _MECHANISMS:
+            raise ValueError(f"flashdp.PrivacyAccountant: mechanism must be one of {_MECHANISMS}, got {mechanism!r}")
+        self.mechanism = mechanism
+        self._acct = _kinds()[mechanism]()
+
+    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
+        """Record one step of the subsampled Gaussian mechanism."""
+        if noise_multiplier < 0 or not 0 <= sample_rate <= 1:
+            raise ValueError(f"flashdp.PrivacyAccountant.step: need noise_multiplier ≥ 0 and 0 ≤ sample_rate ≤ 1, "
+                             f"got {noise_multiplier}, {sample_rate}")
+        self._acct.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self._acct.history)
+
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far at the given δ (0 before any step)."""
+        if not 0 < delta < 1:
+            raise ValueError(f"flashdp.PrivacyAccountant.epsilon: delta must be in (0, 1), got {delta}")
+        if not self._acct.history:
+            return 0.0
+        return float(self._acct.get_epsilon(delta=delta))
+
+    def state_dict(self) -> dict:
+        return {"mechanism": self.mechanism, "history": list(self._acct.history)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.mechanism = sd["mechanism"]
+        self._acct = _kinds()[self.mechanism]()
+        self._acct.history = list(sd["history"])
+
+
+def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
+                         steps: int | None = None, epochs: int | None = None, mechanism: str = "prv",
+                         epsilon_tolerance: float = 0.01) -> float:
+    """The smallest σ whose (ε, δ) after the given steps (or epochs) is at most ``target_epsilon`` (Opacus)."""
+    if target_epsilon <= 0 or not 0 < target_delta < 1:
+        raise ValueError(f"flashdp.get_noise_multiplier: need target_epsilon > 0 and 0 < target_delta < 1, "
+                         f"got {target_epsilon}, {target_delta}")
+    from opacus.accountants.utils import get_noise_multiplier as _opacus_get_noise_multiplier
+
+    return float(_opacus_get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                              sample_rate=sample_rate, steps=steps, epochs=epochs,
+                                              accountant=mechanism, epsilon_tolerance=epsilon_tolerance))

@@ -1,0 +1,32 @@
+"""flashdp's exceptions: each message names the module or parameter at fault and the fix."""
+
+from __future__ import annotations
+
+__all__ = ["FlashDPError", "ModelChangedError", "UnsupportedModuleError"]
+
+
+class FlashDPError(RuntimeError):
+    """Base class of flashdp's errors."""
+
+
+class UnsupportedModuleError(FlashDPError, ValueError):
+    """The model has trainable parameters in modules flashdp cannot clip per sample.
+
+    Attributes:
+        modules: ``[(path, class name, [parameter names])]`` of every offending module.
+    """
+
+    def __init__(self, modules: list[tuple[str, str, list[str]]]):
+        self.modules = modules
+        lines = [f"  - {path or '<root>'} ({cls}): trainable {', '.join(names)}" for path, cls, names in modules]
+        super().__init__(
+            "flashdp.make_private: these modules have trainable parameters that flashdp cannot clip per sample:\n"
+            + "\n".join(lines)
+            + "\nFix: freeze them (`p.requires_grad_(False)` for each parameter listed), or register a DP "
+            "implementation with `flashdp.register_layer(ModuleClass, converter)`. Supported: nn.Linear, "
+            "nn.Embedding, nn.LayerNorm, nn.RMSNorm, Hugging Face *RMSNorm (Llama-style) and GPT-2 Conv1D."
+        )
+
+
+class ModelChangedError(FlashDPError):
+    """The model's trainable parameters differ from those seen by ``make_private``."""

@@ -1,0 +1,94 @@
+"""DP Embedding: per-sample clipping of the embedding table's gradient, which is sparse per sample.
+
+Sample b's gradient puts ``Σ_{t: ids_t = v} G_b[t]`` on row v. Its squared norm sums, over the distinct
+(sample, token) pairs, the squared norm of the summed rows: one ``unique`` over ``b·V + id`` and one
+``index_add_`` of the B·T gradient rows, O(B·T·d) (no V-sized or T×T temporaries). The clipped sum is one
+``index_add_`` of the rows scaled by their sample's factor. ``padding_idx`` rows get no gradient, as in
+``nn.Embedding``. Tied with an LM head, the group adds the cross term (see flashdp.groups).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .groups import ClipGroup, Component, Use, grad_buffer
+from .layers_common import dp_group, flatten_batch, model_batch, sample_count, will_backward
+
+__all__ = ["DPEmbedding", "DPEmbeddingFunction", "EmbeddingUse"]
+
+
+class EmbeddingUse(Use):
+    """ids (B, T) int64, G (B, T, d); the weight (V, d)."""
+
+    def __init__(self, ids: Tensor, G: Tensor, weight: Tensor):
+        self.ids, self.G, self.weight = ids, G, weight
+        self.batch_size = ids.shape[0]
+
+    def sq_norms(self) -> Tensor:
+        B, T = self.ids.shape
+        d = self.G.shape[-1]
+        V = self.weight.shape[0]
+        sq = torch.zeros(B, dtype=torch.float32, device=self.G.device)
+        if B * T == 0:
+            return sq
+        keys = (torch.arange(B, device=self.ids.device)[:, None] * V + self.ids).reshape(-1)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        rows = torch.zeros(uniq.numel(), d, dtype=torch.float32, device=self.G.device)
+        rows.index_add_(0, inv, self.G.reshape(-1, d).float())
+        return sq.index_add_(0, uniq // V, rows.square().sum(1))
+
+    def accumulate(self, coef: Tensor) -> None:
+        B, T = self.ids.shape
+        if B * T == 0:
+            grad_buffer(self.weight)
+            return
+        d = self.G.shape[-1]
+        rows = (self.G * coef.to(self.G.dtype).view(B, 1, 1)).reshape(-1, d)
+        grad_buffer(self.weight).index_add_(0, self.ids.reshape(-1), rows.to(self.weight.dtype))
+
+    def components(self) -> list[Component]:
+        return [Component(self.weight, "factored", left=self.ids, right=self.G)]
+
+
+class DPEmbeddingFunction(torch.autograd.Function):
+    """``F.embedding`` whose backward hands an :class:`EmbeddingUse` to the clip group."""
+
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, module: nn.Module, group: ClipGroup, where: str):
+        y = F.embedding(ids, weight, module.padding_idx, module.max_norm, module.norm_type,
+                        module.scale_grad_by_freq, module.sparse)
+        ctx.save_for_backward(ids)
+        ctx.batch = sample_count(ids.shape[0], where)
+        ctx.weight_p, ctx.group, ctx.where, ctx.padding_idx = weight, group, where, module.padding_idx
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (ids,) = ctx.saved_tensors
+        B = ctx.batch
+        ids2 = ids.reshape(B, ids.numel() // B if B else 0)
+        G = flatten_batch(grad_out, ctx.where, batch=B)
+        if ctx.padding_idx is not None:
+            G = G * (ids2 != ctx.padding_idx).unsqueeze(-1).to(G.dtype)
+        ctx.group.add_use(EmbeddingUse(ids2, G, ctx.weight_p), ctx.where)
+        return None, None, None, None, None
+
+
+class DPEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose backward clips each sample's gradient (same parameter, same keys)."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not will_backward(self.weight):
+            return super().forward(ids)
+        where = self.__dict__.get("_flashdp_name", "Embedding")
+        flatten_batch(ids.unsqueeze(-1), where)  # raises on 0-d ids: there is no batch dimension
+        B = model_batch()
+        if B is not None and B > 1 and ids.shape[0] == 1:
+            # Broadcast ids (GPT-2's position_ids of shape (1, T)): the output would be broadcast over the batch
+            # later, summing the samples' gradients; expand so each sample keeps its own rows.
+            ids = ids.expand(B, *ids.shape[1:])
+        group = dp_group(self)
+        group.note_forward()
+        return DPEmbeddingFunction.apply(ids, self.weight, self, group, where)

@@ -1,0 +1,181 @@
+"""DP LayerNorm and RMSNorm (torch.nn.RMSNorm and Hugging Face Llama-style ``*RMSNorm``).
+
+Per-sample gradients of the affine parameters are small ((B, d) each), so they are formed directly:
+``gw_b = Σ_t G_b[t] ⊙ x̂_b[t]`` and ``gb_b = Σ_t G_b[t]``, with x̂ recomputed in backward from the saved
+input. ``grad_input`` comes from the same ops as non-DP (torch's LayerNorm backward, or autograd over the
+recomputed normalisation for RMSNorm). Hugging Face RMSNorm classes are accepted by duck typing (a
+``weight`` and ``variance_epsilon``/``eps``) and verified numerically by ``make_private``: the module's
+own forward must equal ``weight * normalize(x)`` (Gemma's ``(1 + weight)`` fails this and is refused).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .groups import ClipGroup, Component, Use, grad_buffer
+from .layers_common import dp_group, flatten_batch, sample_count, trainable, will_backward
+
+__all__ = ["DPHFRMSNormMixin", "DPLayerNorm", "DPRMSNorm", "NormUse", "hf_rms_normalize"]
+
+
+class NormUse(Use):
+    """Dense per-sample gradients of a norm layer's weight (and bias): (B, N) each."""
+
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]]):
+        self.pairs = pairs  # [(parameter, per-sample grads (B, N) fp32)]
+        self.batch_size = pairs[0][1].shape[0]
+
+    def sq_norms(self) -> Tensor:
+        return sum(g.square().sum(1) for _, g in self.pairs)
+
+    def accumulate(self, coef: Tensor) -> None:
+        for p, g in self.pairs:
+            grad_buffer(p).add_((coef.float() @ g).view_as(p).to(p.dtype))
+
+    def components(self) -> list[Component]:
+        return [Component(p, "dense", data=g) for p, g in self.pairs]
+
+
+def _rows(t: Tensor, n: int, B: int) -> Tensor:
+    """(B, ..., *normalized) (or sample-major flattened rows) → (B, M, n), also for an empty batch."""
+    return t.reshape(B, t.numel() // (B * n) if B * n else 0, n)
+
+
+def _per_sample(G: Tensor, xhat: Tensor, n: int, B: int) -> Tensor:
+    """Σ over all non-batch, non-normalised positions of G ⊙ x̂: (B, n) fp32."""
+    return _rows(G.float() * xhat.float(), n, B).sum(1)
+
+
+class DPLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, shape, eps, group: ClipGroup, where: str):
+        ctx.params = [weight if trainable(weight) else None, bias if trainable(bias) else None]
+        if torch.is_autocast_enabled(x.device.type):  # layer_norm runs in fp32 under autocast
+            x, weight, bias = (t.float() if t is not None else None for t in (x, weight, bias))
+        with torch.autocast(x.device.type, enabled=False):
+            y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.shape, ctx.group, ctx.where = shape, group, where
+        ctx.batch = sample_count(x.shape[0], where) if x.dim() > len(shape) else 0
+        return y
+
+    @staticmethod
+    def backward(ctx, G):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                G, x, ctx.shape, mean, rstd, weight, bias, [True, False, False])[0]
+        if x.dim() <= len(ctx.shape):
+            flatten_batch(x.new_empty(()), ctx.where, min_dim=1)  # raises: no batch dimension
+        n = math.prod(ctx.shape)
+        pairs = []
+        wp, bp = ctx.params
+        if wp is not None:
+            pairs.append((wp, _per_sample(G, (x - mean) * rstd, n, ctx.batch)))
+        if bp is not None:
+            pairs.append((bp, _rows(G.float(), n, ctx.batch).sum(1)))
+        if pairs:
+            ctx.group.add_use(NormUse(pairs), ctx.where)
+        return grad_x, None, None, None, None, None, None
+
+
+class DPLayerNorm(nn.LayerNorm):
+    """An ``nn.LayerNorm`` whose backward clips each sample's weight+bias gradient."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not will_backward(self.weight, self.bias):
+            return super().forward(x)
+        where = self.__dict__.get("_flashdp_name", "LayerNorm")
+        if x.dim() <= len(self.normalized_shape):
+            flatten_batch(x.new_empty(()), where, min_dim=1)
+        group = dp_group(self)
+        group.note_forward()
+        return DPLayerNormFunction.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps, group,
+                                         where)
+
+
+def hf_rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """Hugging Face Llama/Qwen2/Mistral RMSNorm without its weight: fp32 maths, result in x's dtype."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h.to(x.dtype)
+
+
+class DPRMSNormFunction(torch.autograd.Function):
+    """``y = weight * x̂``, ``x̂ = x·r``, ``r = (mean(x²) + eps)^(-1/2)`` over the normalised dims, in fp32.
+
+    ``kind="hf"``: Hugging Face's Llama-style maths (fp32, x̂ cast to x's dtype before the weight);
+    ``kind="torch"``: ``F.rms_norm`` (eps None → the dtype's machine epsilon). Backward is analytic from the
+    saved input and ``r`` (no recomputed forward): ``∂x = r·(g − x̂·mean(g ⊙ x̂))`` with ``g = G ⊙ weight``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, shape, eps, kind, group: ClipGroup, where: str):
+        dims = tuple(range(-len(shape), 0))
+        if eps is None:
+            eps = torch.finfo(x.dtype).eps
+        with torch.autocast(x.device.type, enabled=False):
+            h = x.to(torch.float32)
+            r = torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
+            if kind == "hf":
+                y = weight * (h * r).to(x.dtype)
+            else:
+                y = F.rms_norm(x, shape, weight, eps)
+        ctx.save_for_backward(x, weight, r)
+        ctx.shape, ctx.dims, ctx.group, ctx.where = shape, dims, group, where
+        ctx.batch = sample_count(x.shape[0], where) if x.dim() > len(shape) else 0
+        ctx.weight_p = weight if trainable(weight) else None
+        return y
+
+    @staticmethod
+    def backward(ctx, G):
+        x, weight, r = ctx.saved_tensors
+        if x.dim() <= len(ctx.shape):
+            flatten_batch(x.new_empty(()), ctx.where, min_dim=1)
+        xhat = x.to(torch.float32) * r
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = G.to(torch.float32) * weight.to(torch.float32)
+            grad_x = (r * (g - xhat * (g * xhat).mean(ctx.dims, keepdim=True))).to(x.dtype)
+        if ctx.weight_p is not None:
+            n = math.prod(ctx.shape)
+            xh = xhat.to(x.dtype) if x.dtype != torch.float32 else xhat  # the x̂ the weight multiplied
+            ctx.group.add_use(NormUse([(ctx.weight_p, _per_sample(G, xh, n, ctx.batch))]), ctx.where)
+        return grad_x, None, None, None, None, None, None
+
+
+def _rms_dp_forward(module: nn.Module, x: Tensor, shape: tuple[int, ...], eps: float | None, kind: str,
+                    plain) -> Tensor:
+    if not will_backward(module.weight):
+        return plain(x)
+    where = module.__dict__.get("_flashdp_name", type(module).__name__)
+    if x.dim() <= len(shape):
+        flatten_batch(x.new_empty(()), where, min_dim=1)
+    group = dp_group(module)
+    group.note_forward()
+    return DPRMSNormFunction.apply(x, module.weight, shape, eps, kind, group, where)
+
+
+class DPRMSNorm(nn.RMSNorm):
+    """A ``torch.nn.RMSNorm`` whose backward clips each sample's weight gradient."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _rms_dp_forward(self, x, tuple(self.normalized_shape), self.eps, "torch", super().forward)
+
+
+def hf_rms_eps(module: nn.Module) -> float | None:
+    eps = getattr(module, "variance_epsilon", None)
+    return getattr(module, "eps", None) if eps is None else eps
+
+
+class DPHFRMSNormMixin:
+    """Mixed into a Hugging Face Llama-style RMSNorm class (weight * normalize(x), fp32 maths)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        plain = super().forward  # type: ignore[misc]
+        return _rms_dp_forward(self, x, (x.shape[-1],), hf_rms_eps(self), "hf", plain)

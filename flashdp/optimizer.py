@@ -1,0 +1,248 @@
+"""DPOptimizer: noise once per logical step on the clipped sums the DP layers left in ``.grad``.
+
+``step()``:
+
+1. (distributed) rank 0 alone will add noise; the clipped sums are all-reduced (SUM) across ranks;
+2. skip the step with a warning if any gradient is NaN/inf (nothing is applied, no noise drawn);
+3. ``p.grad += N(0, σ² C_l²)`` for each trainable parameter p, ``C_l`` the threshold of p's clip group
+   (fp32 noise from the optimizer's generator, added once per ``step`` whatever the number of
+   backward passes since the last one, so gradient accumulation adds it once);
+4. ``p.grad /= expected_batch_size`` (Poisson sampling: the expected, not the realised, batch size);
+5. the inner optimizer steps; the accountant, if any, records the step.
+
+``param_groups`` and ``state`` are the inner optimizer's own objects, so LR schedulers and
+``state_dict`` work as with the inner optimizer; ``state_dict`` also carries the step count and the
+noise generator's state, so a resumed run draws the same noise.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .privatize import PrivacyState
+
+__all__ = ["DPOptimizer"]
+
+
+def _state_of(params: list[torch.Tensor], model: torch.nn.Module | None) -> PrivacyState:
+    if model is not None:
+        st = model.__dict__.get("_flashdp_state")
+        if st is None:
+            raise ValueError("flashdp.DPOptimizer: the model was not made private; "
+                             "call flashdp.make_private(model, ...)")
+        return st
+    from .privatize import _STATES
+
+    for st in _STATES:
+        if any(id(p) in st.param_names for p in params):
+            return st
+    raise ValueError(
+        "flashdp.DPOptimizer: none of the optimizer's parameters belongs to a model made private; call "
+        "flashdp.make_private(model, max_grad_norm) first (before or after building the inner optimizer)"
+    )
+
+
+class DPOptimizer(Optimizer):
+    """Wrap ``optimizer`` (SGD, Adam, AdamW, ...) for DP-SGD on a model made private by flashdp.
+
+    Args:
+        optimizer: the inner optimizer over the model's parameters.
+        noise_multiplier: σ ≥ 0; the noise std of group l is σ·C_l.
+        expected_batch_size: the expected number of samples per logical step (> 0).
+        max_grad_norm: C; defaults to make_private's, a different value is an error.
+        model: the private model (optional: found from the parameters).
+        seed: seed of the noise generator (ignored with ``secure_mode``).
+        secure_mode: draw noise from a generator reseeded from the OS's CSPRNG every step, and sum four
+            normals (÷2) per coordinate against floating-point attacks (Holohan & Braghin 2021, as Opacus).
+        accountant: an object with ``step(noise_multiplier=, sample_rate=)`` (flashdp.PrivacyAccountant or an
+            Opacus accountant), stepped with ``sample_rate`` each applied step.
+        sample_rate: Poisson sampling rate q, needed with ``accountant``.
+    """
+
+    def __init__(self, optimizer: Optimizer, *, noise_multiplier: float, expected_batch_size: int,
+                 max_grad_norm: float | None = None, model: torch.nn.Module | None = None, seed: int | None = None,
+                 secure_mode: bool = False, accountant: Any = None, sample_rate: float | None = None):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"flashdp.DPOptimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        sigma = noise_multiplier
+        if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"flashdp.DPOptimizer: noise_multiplier must be a finite number ≥ 0, got {sigma!r}")
+        if not isinstance(expected_batch_size, (int, float)) or expected_batch_size <= 0:
+            raise ValueError(
+                f"flashdp.DPOptimizer: expected_batch_size must be > 0 (the expected samples per step, "
+                f"sample_rate × dataset size under Poisson sampling), got {expected_batch_size!r}")
+        if accountant is not None and sample_rate is None:
+            raise ValueError("flashdp.DPOptimizer: pass sample_rate= together with accountant=")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        state = _state_of(params, model)
+        if max_grad_norm is not None and not math.isclose(float(max_grad_norm), state.max_grad_norm, rel_tol=1e-9):
+            raise ValueError(
+                f"flashdp.DPOptimizer: max_grad_norm={max_grad_norm} differs from the {state.max_grad_norm} given to "
+                "make_private; the clipping already happened in the layers with make_private's value. Omit "
+                "max_grad_norm here, or call make_private again with the value you want."
+            )
+        self.inner = optimizer
+        self.privacy = state
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_batch_size = float(expected_batch_size)
+        self.max_grad_norm = state.max_grad_norm
+        self.secure_mode = secure_mode
+        self.accountant = accountant
+        self.sample_rate = sample_rate
+        self.steps = 0
+        self.skipped_steps = 0
+        self._seed = seed if seed is not None else int(torch.initial_seed()) % (2**63)
+        self._generators: dict[str, torch.Generator] = {}
+        self._gen_states: dict[str, torch.Tensor] = {}
+        self._threshold = {}
+        for g in state.groups:
+            for p in g.params:
+                self._threshold[id(p)] = g.max_norm
+        # Shared, not copied: schedulers and users editing param_groups edit the inner optimizer's.
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+        self._zero_grad_profile_name = "flashdp.DPOptimizer.zero_grad"
+
+    # -- noise ---------------------------------------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed + len(self._generators))
+            if key in self._gen_states:
+                gen.set_state(self._gen_states[key])
+            self._generators[key] = gen
+        if self.secure_mode:
+            gen.manual_seed(secrets.randbits(63))
+        return gen
+
+    def _noise(self, p: torch.Tensor, std: float) -> torch.Tensor:
+        gen = self._generator(p.device)
+        if self.secure_mode:
+            z = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            for _ in range(4):
+                z += torch.randn(p.shape, dtype=torch.float32, device=p.device, generator=gen)
+            return z.mul_(std / 2)
+        return torch.randn(p.shape, dtype=torch.float32, device=p.device, generator=gen).mul_(std)
+
+    def _dp_params(self) -> list[torch.Tensor]:
+        seen, out = set(), []
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    @torch.no_grad()
+    def add_noise(self, params: list[torch.Tensor], distributed: bool, rank: int) -> None:
+        """Add N(0, σ²C_l²) to each parameter's clipped sum (only on rank 0 under torch.distributed)."""
+        if self.noise_multiplier == 0 or (distributed and rank != 0):
+            return
+        for p in params:
+            std = self.noise_multiplier * self._threshold[id(p)]
+            if p.grad.dtype == torch.float32 and not self.secure_mode:
+                # one pass: N(grad, std²) drawn straight into a new fp32 tensor (no noise buffer + add)
+                p.grad = torch.normal(p.grad, std, generator=self._generator(p.device))
+            else:
+                p.grad.add_(self._noise(p, std).to(p.grad.dtype))
+
+    # -- step ----------------------------------------------------------------------------------------------
+    def step(self, closure=None):
+        """One DP-SGD step; returns the closure's loss (if any), or None when the step was skipped."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.privacy.check_unchanged()
+        params = self._dp_params()
+        unknown = [self.privacy.param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>") for p in params
+                   if id(p) not in self._threshold]
+        if unknown:
+            from .errors import ModelChangedError
+
+            raise ModelChangedError(
+                f"flashdp.DPOptimizer: the optimizer holds trainable parameters that make_private did not see "
+                f"({unknown}); call make_private on the model that owns them before building the optimizer")
+        for p in params:
+            if p.grad is None:  # an empty batch, or a layer unused this step: its clipped sum is zero
+                p.grad = torch.zeros_like(p)
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank = dist.get_rank() if distributed else 0
+        if distributed:
+            for p in params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        if params:
+            norms = torch._foreach_norm([p.grad for p in params])
+            finite = bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+        else:
+            finite = True
+        if not finite:
+            bad = [self.privacy.param_names.get(id(p), "?") for p in params if not torch.isfinite(p.grad).all()]
+            self.skipped_steps += 1
+            warnings.warn(
+                f"flashdp.DPOptimizer: NaN/inf gradients in {bad[:5]}{'...' if len(bad) > 5 else ''}; the step is "
+                "skipped and nothing is applied. Call zero_grad() before the next backward; lower the learning "
+                "rate or use fp32/bf16 autocast if this repeats.", RuntimeWarning, stacklevel=2)
+            return None
+        self.add_noise(params, distributed, rank)
+        if distributed:
+            for p in params:  # rank 0's noise reaches every rank; all ranks then hold the same noisy sum
+                dist.broadcast(p.grad, src=0)
+        for p in params:
+            p.grad.div_(self.expected_batch_size)
+        self.inner.step()
+        self.steps += 1
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.inner.state_dict()
+        gens = {k: g.get_state() for k, g in self._generators.items()}
+        sd["flashdp"] = {"steps": self.steps, "skipped_steps": self.skipped_steps, "seed": self._seed,
+                         "generators": gens, "noise_multiplier": self.noise_multiplier,
+                         "expected_batch_size": self.expected_batch_size}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("flashdp", None)
+        self.inner.load_state_dict(state_dict)
+        if extra is not None:
+            self.steps = extra["steps"]
+            self.skipped_steps = extra.get("skipped_steps", 0)
+            self._seed = extra["seed"]
+            self._gen_states = dict(extra["generators"])
+            self._generators = {}
+            for key, st in self._gen_states.items():
+                gen = torch.Generator(device=key)
+                gen.set_state(st)
+                self._generators[key] = gen
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise ValueError("flashdp.DPOptimizer: add parameter groups to the inner optimizer before wrapping it, "
+                         "after make_private has seen the parameters")
+
+    def __repr__(self) -> str:
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
+                f"expected_batch_size={self.expected_batch_size}, inner={self.inner!r})")

@@ -1,0 +1,299 @@
+"""``make_private``: turn a model's supported modules into DP layers in place, refuse everything else.
+
+Conversion swaps each supported module's class for a DP subclass (``DPLinear`` for ``nn.Linear``, a
+generated ``DP<Name>`` for Hugging Face classes) whose forward routes through a DP autograd Function.
+Parameters, buffers, ``state_dict`` keys, hooks and ``isinstance`` checks are unchanged, so an optimizer
+built before or after sees the same tensors. Modules sharing a trainable parameter (a tied embedding and
+LM head) form one clip group. Every trainable parameter also gets a hook that fails loudly if autograd
+ever produces a gradient for it outside a DP layer (an unclipped gradient would silently break DP).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import FlashDPError, UnsupportedModuleError
+from .groups import ClipGroup
+from .layers_embedding import DPEmbedding
+from .layers_linear import DPConv1DMixin, DPLinear
+from .layers_norm import DPHFRMSNormMixin, DPLayerNorm, DPRMSNorm, hf_rms_eps, hf_rms_normalize
+
+__all__ = ["PrivacyState", "make_private", "privacy_state", "register_layer"]
+
+# Subclasses of a supported base whose own forward is known to reach the base's forward with
+# batch-first inputs (otherwise a subclass must not override forward).
+_ALLOWED_SUBCLASSES = {"OPTLearnedPositionalEmbedding"}
+
+_BASES: list[tuple[type[nn.Module], type[nn.Module]]] = [
+    (nn.Linear, DPLinear),
+    (nn.Embedding, DPEmbedding),
+    (nn.LayerNorm, DPLayerNorm),
+    (nn.RMSNorm, DPRMSNorm),
+]
+_registry: dict[type[nn.Module], Callable[[nn.Module], None]] = {}
+_generated: dict[type[nn.Module], type[nn.Module]] = {}
+_STATES: weakref.WeakSet = weakref.WeakSet()  # every live PrivacyState, for DPOptimizer to find its model's
+
+
+def register_layer(module_cls: type[nn.Module], converter: Callable[[nn.Module], None]) -> None:
+    """Register a DP implementation for ``module_cls``.
+
+    ``converter(module)`` must make the module's forward route every use of its trainable parameters
+    through a DP autograd Function that hands a :class:`flashdp.groups.Use` to
+    ``module._flashdp_group.add_use(...)`` in backward (see flashdp/layers_linear.py for the pattern).
+    """
+    _registry[module_cls] = converter
+
+
+@dataclass(eq=False)
+class PrivacyState:
+    """What ``make_private`` recorded on the model (``model._flashdp_state``)."""
+
+    max_grad_norm: float
+    groups: list[ClipGroup]
+    param_names: dict[int, str]
+    reduction: str
+    hooks: list = field(default_factory=list)
+    model_ref: Callable[[], nn.Module | None] = lambda: None
+
+    def check_unchanged(self) -> None:
+        """Raise ModelChangedError if the model has trainable parameters make_private did not see."""
+        from .errors import ModelChangedError
+
+        model = self.model_ref()
+        if model is None:
+            return
+        new = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in self.param_names]
+        if new:
+            raise ModelChangedError(
+                f"flashdp: the model changed after make_private: trainable parameter(s) {new} were not privatised "
+                "(a module replaced or added, or a parameter unfrozen). Call flashdp.make_private(model, ...) again "
+                "after changing the model, and rebuild the optimizer if it holds the old parameters."
+            )
+
+
+def privacy_state(model: nn.Module) -> PrivacyState | None:
+    """The state recorded by make_private on ``model``, or None."""
+    return model.__dict__.get("_flashdp_state")
+
+
+def _dp_class(module: nn.Module) -> type[nn.Module] | Callable[[nn.Module], None] | None:
+    cls = type(module)
+    for c in cls.__mro__:
+        if c in _registry:
+            return _registry[c]
+    if getattr(module, "_flashdp_group", None) is not None and cls.__name__.startswith("DP"):
+        return cls  # already converted (make_private called again)
+    for base, dp in _BASES:
+        if cls is base:
+            return dp
+        if isinstance(module, base) and (cls.forward is base.forward or cls.__name__ in _ALLOWED_SUBCLASSES):
+            return _generate(cls, (cls, dp))
+    name = cls.__name__
+    if name == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf"):
+        return _generate(cls, (DPConv1DMixin, cls))
+    if name.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor) and \
+            hf_rms_eps(module) is not None and _hf_rms_probe(module):
+        return _generate(cls, (DPHFRMSNormMixin, cls))
+    return None
+
+
+def _generate(cls: type[nn.Module], bases: tuple[type, ...]) -> type[nn.Module]:
+    if cls not in _generated:
+        _generated[cls] = type(f"DP{cls.__name__}", bases, {"__module__": __name__})
+        globals()[f"DP{cls.__name__}"] = _generated[cls]  # so pickle can find it in this process
+    return _generated[cls]
+
+
+def _hf_rms_probe(module: nn.Module) -> bool:
+    """Whether the module computes ``weight * normalize(x)`` (Llama-style), checked on a random input."""
+    w = module.weight
+    if w.dim() != 1:
+        return False
+    x = torch.randn(2, 3, w.shape[0], dtype=w.dtype, device=w.device, generator=torch.Generator().manual_seed(0)) \
+        if w.device.type == "cpu" else torch.randn(2, 3, w.shape[0], dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        try:
+            want = type(module).forward(module, x)
+        except Exception:
+            return False
+        got = w * hf_rms_normalize(x, hf_rms_eps(module))
+    return want.shape == got.shape and torch.allclose(want.float(), got.float(), rtol=1e-3, atol=1e-3)
+
+
+def _tied_components(owners: dict[int, list[str]], trainable_mods: list[str]) -> list[list[str]]:
+    """Union-find over module paths that share a trainable parameter."""
+    parent = {m: m for m in trainable_mods}
+
+    def find(a: str) -> str:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for mods in owners.values():
+        for m in mods[1:]:
+            ra, rb = find(mods[0]), find(m)
+            if ra != rb:
+                parent[rb] = ra
+    comps: dict[str, list[str]] = {}
+    for m in trainable_mods:
+        comps.setdefault(find(m), []).append(m)
+    return list(comps.values())
+
+
+def make_private(
+    model: nn.Module,
+    max_grad_norm: float,
+    *,
+    group_max_grad_norms: Mapping[str, float] | Callable[[str], float | None] | None = None,
+    loss_reduction: str = "mean",
+) -> nn.Module:
+    """Make ``model`` clip each sample's gradient per layer inside backward. In place; returns ``model``.
+
+    After ``loss.backward()``, every trainable ``p.grad`` holds ``Σ_b clip(g_b)``: the sum over samples of
+    their per-group clipped gradients (not averaged, no noise). A sample's gradient is its contribution to
+    the loss times the batch size (``loss_reduction="mean"``, the gradient of its own loss when the loss is
+    a mean over samples) or the contribution as is (``"sum"``). Dim 0 of every DP layer's input is the
+    sample dimension.
+
+    Args:
+        model: any module whose trainable parameters all live in supported modules (nn.Linear, nn.Embedding,
+            nn.LayerNorm, nn.RMSNorm, Hugging Face Llama-style ``*RMSNorm``, GPT-2 ``Conv1D``, registered
+            layers). Frozen parameters are ignored (LoRA works).
+        max_grad_norm: C, the bound on the whole per-sample gradient's norm; each of the L groups gets
+            ``C_l = C/√L`` unless overridden.
+        group_max_grad_norms: per-group thresholds C_l, by the path of any module in the group (a mapping, or
+            a function returning None for the default).
+        loss_reduction: ``"mean"`` or ``"sum"``, see above.
+
+    Raises:
+        ValueError: max_grad_norm ≤ 0 or a bad per-group threshold or reduction.
+        UnsupportedModuleError: lists every module with trainable parameters flashdp cannot clip.
+    """
+    if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
+        raise ValueError(f"flashdp.make_private: max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"flashdp.make_private: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    old = privacy_state(model)
+    if old is not None:
+        for h in old.hooks:
+            h.remove()
+
+    owners: dict[int, list[str]] = {}
+    params: dict[int, torch.Tensor] = {}
+    modules: dict[str, nn.Module] = {}
+    for path, mod in model.named_modules():
+        names = [n for n, p in mod._parameters.items() if p is not None and p.requires_grad]
+        if not names:
+            continue
+        modules[path] = mod
+        for n in names:
+            p = mod._parameters[n]
+            owners.setdefault(id(p), []).append(path)
+            params[id(p)] = p
+
+    converters: dict[str, object] = {}
+    bad = []
+    for path, mod in modules.items():
+        conv = _dp_class(mod)
+        if conv is None:
+            names = [n for n, p in mod._parameters.items() if p is not None and p.requires_grad]
+            bad.append((path, type(mod).__name__, names))
+        else:
+            converters[path] = conv
+    if bad:
+        raise UnsupportedModuleError(bad)
+
+    comps = _tied_components(owners, list(modules))
+    L = len(comps)
+    groups = []
+    for paths in comps:
+        gparams: dict[int, torch.Tensor] = {}
+        for path in paths:
+            for p in modules[path]._parameters.values():
+                if p is not None and p.requires_grad:
+                    gparams[id(p)] = p
+        c_l = max_grad_norm / math.sqrt(L)
+        override = _override(group_max_grad_norms, paths)
+        if override is not None:
+            if not math.isfinite(override) or override <= 0:
+                raise ValueError(f"flashdp.make_private: threshold for group {paths} must be > 0, got {override!r}")
+            c_l = float(override)
+        group = ClipGroup(name="+".join(paths), params=list(gparams.values()), max_norm=c_l, reduction=loss_reduction)
+        groups.append(group)
+        for path in paths:
+            mod = modules[path]
+            conv = converters[path]
+            mod.__dict__["_flashdp_group"] = group
+            mod.__dict__["_flashdp_name"] = path or type(mod).__name__
+            if isinstance(conv, type):
+                mod.__class__ = conv
+            else:
+                conv(mod)
+
+    names = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in params:
+            names.setdefault(id(p), n)
+    state = PrivacyState(max_grad_norm=float(max_grad_norm), groups=groups, param_names=names,
+                         reduction=loss_reduction, model_ref=weakref.ref(model))
+    for pid, p in params.items():
+        state.hooks.append(p.register_hook(_outside_dp_hook(names.get(pid, "?"))))
+    state.hooks.append(model.register_forward_pre_hook(_batch_pre_hook, with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_batch_post_hook, always_call=True))
+    model.__dict__["_flashdp_state"] = state
+    _STATES.add(state)
+    return model
+
+
+def _override(spec, paths: list[str]) -> float | None:
+    if spec is None:
+        return None
+    for path in paths:
+        v = spec(path) if callable(spec) else spec.get(path)
+        if v is not None:
+            return float(v)
+    return None
+
+
+_batch_stack: list[int | None] = []
+_BATCH_KWARGS = ("input_ids", "inputs_embeds", "x", "input", "pixel_values")
+
+
+def _batch_pre_hook(module, args, kwargs):
+    """Record the batch size of the model's input (dim 0 of its first tensor argument)."""
+    from . import layers_common
+
+    t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if t is None:
+        t = next((kwargs[k] for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
+    if t is None:
+        t = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    _batch_stack.append(layers_common._MODEL_BATCH["value"])
+    layers_common._MODEL_BATCH["value"] = int(t.shape[0]) if t is not None and t.dim() > 0 else None
+
+
+def _batch_post_hook(module, args, output):
+    from . import layers_common
+
+    layers_common._MODEL_BATCH["value"] = _batch_stack.pop() if _batch_stack else None
+
+
+def _outside_dp_hook(name: str):
+    def hook(grad: torch.Tensor | None) -> None:
+        if grad is None:  # DP layers return no autograd gradient for their parameters
+            return
+        raise FlashDPError(
+            f"flashdp: parameter {name!r} received a gradient from autograd outside a DP layer, which would not be "
+            "clipped per sample. Its module (or other code) uses it directly instead of through the module's "
+            "forward. Freeze it, or register a DP layer for the code that uses it (flashdp.register_layer)."
+        )
+
+    return hook

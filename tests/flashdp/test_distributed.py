@@ -1,0 +1,82 @@
+"""Under torch.distributed (gloo, 2 CPU processes): clipped sums all-reduced, noise added once, not per rank."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WORKER = """
+import os, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+import flashdp
+
+rank, world, port, sigma, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5]
+os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
+dist.init_process_group("gloo", rank=rank, world_size=world)
+torch.manual_seed(0)
+model = nn.Linear(40, 50)
+with torch.no_grad():
+    model.weight.zero_()
+    model.bias.zero_()
+flashdp.make_private(model, 1.0)
+opt = flashdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=sigma,
+                          expected_batch_size=4, seed=123 + rank)
+torch.manual_seed(rank)
+x = torch.randn(2, 40)  # each rank: its own 2 samples
+model(x).sum().backward()
+opt.step()
+torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}.{rank}")
+dist.destroy_process_group()
+"""
+
+
+def _spawn(tmp_path, sigma: float, out: str) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(sigma), out],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ddp_sums_ranks_and_noises_once(tmp_path, ref):
+    out = str(tmp_path / "params")
+    for sigma in (0.0, 1.0):
+        _spawn(tmp_path, sigma, f"{out}{sigma}")
+    r0, r1 = torch.load(f"{out}0.0.0"), torch.load(f"{out}0.0.1")
+    for n in r0:
+        torch.testing.assert_close(r0[n], r1[n])  # all ranks take the same step
+    torch.manual_seed(0)
+    model = nn.Linear(40, 50)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    xs = []
+    for rank in range(2):
+        torch.manual_seed(rank)
+        xs.append(torch.randn(2, 40))
+    x = torch.cat(xs)
+    want, _, _ = ref.per_sample_clipped_sum(model, lambda m, b: m(x[b:b + 1].double()).sum(), 4, 1.0)
+    for n in r0:  # σ=0: update = −(clipped sum over both ranks' samples) / expected_batch_size (all clipped here)
+        torch.testing.assert_close(r0[n].double(), -want[n] / 4, rtol=1e-5, atol=1e-6)
+    n0, n1 = torch.load(f"{out}1.0.0"), torch.load(f"{out}1.0.1")
+    noise = torch.cat([(n0[n] - r0[n]).flatten() for n in r0]) * 4
+    torch.testing.assert_close(n0["weight"], n1["weight"])
+    # one group (weight+bias), C_l = C = 1: one draw of N(0, σ²) in total, not √2σ as two ranks' noise would give
+    assert noise.std().item() == pytest.approx(1.0, rel=0.08)
