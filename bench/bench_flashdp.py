@@ -1,6 +1,6 @@
 """End-to-end DP training throughput and peak memory: non-DP vs flashdp vs Opacus (hooks) vs Opacus ghost.
 
-Commands (results in bench/RESULTS_flashdp.md):
+Commands (results in bench/RESULTS.md):
 
     # the issue's CPU preset: Llama, 6 layers, hidden 512, B=32, T=128, every parameter trainable
     python bench/bench_flashdp.py --trainable all --out bench/results/flashdp_cpu_llama_all.json
