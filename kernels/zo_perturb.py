@@ -22,6 +22,7 @@ from memtrain.kernels.philox import (
     dist_code,
     flat_memory_view,
     key_words,
+    launch_grid,
     noise_torch,
     torch_chunks,
 )
@@ -73,9 +74,7 @@ def _zo_perturb_triton(
         return
     # 1024 elements (256 Philox counters) per program, 4 warps: each thread owns 8 elements of one block.
     block = 1024
-    first = (offset // 4) * 4
-    grid = (triton.cdiv(offset + flat.numel() - first, block),)
-    _zo_perturb_kernel[grid](
+    _zo_perturb_kernel[launch_grid(flat.numel(), offset, block)](
         flat, flat.numel(), offset, key_words(stream, seeds, p.device), _coef_tensor(coefs, p.device), float(c),
         N_TERMS=len(seeds), DIST=dist, BLOCK=block, num_warps=4,
     )

@@ -85,35 +85,29 @@ class ZOSGD(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.projected_grad = 0.0
         self.projected_grads: list[float] = []
-        for index, p in enumerate(self._unique_params()):
+        for index, (p, _) in enumerate(self._unique_params()):
             check_parameter(p, index)
 
     # ------------------------------------------------------------------------------------ parameters
-    def _unique_params(self) -> list[torch.Tensor]:
+    def _unique_params(self) -> list[tuple[torch.Tensor, dict]]:
+        """Each parameter once (a tied weight listed twice counts once), with its group, in group order:
+        the position in this list is the parameter's stream id, stable across runs."""
         seen: set[int] = set()
         unique = []
         for group in self.param_groups:
             for p in group["params"]:
                 if id(p) not in seen:
                     seen.add(id(p))
-                    unique.append(p)
+                    unique.append((p, group))
         return unique
 
     def noise_targets(self) -> list[NoiseTarget]:
-        """The trainable parameters with their stream ids (position among the optimizer's unique
-        parameters, stable across runs) and groups. A tied parameter appears once."""
-        seen: set[int] = set()
+        """The trainable parameters with their stream ids and groups. A tied parameter appears once."""
         targets = []
-        stream = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if p.requires_grad:
-                    check_parameter(p, stream)
-                    targets.append(NoiseTarget(p, stream, group))
-                stream += 1
+        for stream, (p, group) in enumerate(self._unique_params()):
+            if p.requires_grad:
+                check_parameter(p, stream)
+                targets.append(NoiseTarget(p, stream, group))
         return targets
 
     def _check_groups(self) -> None:

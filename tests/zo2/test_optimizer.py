@@ -134,34 +134,29 @@ def test_frozen_parameters_are_never_touched(opt_model, batch):
 
 
 def test_resume_continues_the_identical_trajectory(make_opt, batch, tmp_path):
-    def closure_for(model):
-        return lambda: model(**batch).loss
+    def run(model, steps, **opt_kwargs):
+        opt = zo2.ZOSGD(model.parameters(), **{"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.01, "seed": 11, **opt_kwargs})
+        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.5, total_iters=6)
+        for _ in range(steps):
+            opt.step(lambda: model(**batch).loss)
+            sched.step()
+        return opt, sched
 
     full = make_opt()
-    opt = zo2.ZOSGD(full.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.01, seed=11)
-    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.5, total_iters=6)
-    for _ in range(6):
-        opt.step(closure_for(full))
-        sched.step()
-
+    opt, _ = run(full, 6)
     first = make_opt()
-    opt1 = zo2.ZOSGD(first.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.01, seed=11)
-    sched1 = torch.optim.lr_scheduler.LinearLR(opt1, start_factor=1.0, end_factor=0.5, total_iters=6)
-    for _ in range(3):
-        opt1.step(closure_for(first))
-        sched1.step()
+    opt1, sched1 = run(first, 3)
     path = tmp_path / "ckpt.pt"
     torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict()}, path)
 
     resumed = make_opt(seed=123)  # different init: everything must come from the checkpoint
-    opt2 = zo2.ZOSGD(resumed.parameters(), lr=5.0, eps=0.5, seed=0)
-    sched2 = torch.optim.lr_scheduler.LinearLR(opt2, start_factor=1.0, end_factor=0.5, total_iters=6)
+    opt2, sched2 = run(resumed, 0, lr=5.0, eps=0.5, seed=0)
     ckpt = torch.load(path, weights_only=True)
     resumed.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     sched2.load_state_dict(ckpt["sched"])
     for _ in range(3):
-        opt2.step(closure_for(resumed))
+        opt2.step(lambda: resumed(**batch).loss)
         sched2.step()
     for (n, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), n
