@@ -28,6 +28,7 @@ from zo2.checks import (
     loss_value,
     record_active_dropout,
 )
+from zo2.distributed import average_losses
 from zo2.noise import NoiseTarget, apply_terms, step_seed
 
 Closure = Callable[[], torch.Tensor | float]
@@ -53,6 +54,9 @@ class ZOSGD(torch.optim.Optimizer):
         num_perturbations: q, the number of directions averaged per step (2q forward passes).
         distribution: "normal" (Gaussian z) or "rademacher" (±1 z).
         check_dropout: refuse a step whose forward pass runs dropout in training mode.
+        process_group: data parallelism (a ``torch.distributed`` group, or ``True`` for the default group):
+            each rank runs the closure on its shard and the losses are averaged over the ranks before the
+            update, so every rank (with the same ``seed``) applies the identical update.
 
     ``step(closure)`` runs ``closure`` (forward only, under ``torch.no_grad()``) 2q times and returns the
     mean loss at θ + εz_k. Afterwards ``projected_grad`` holds the mean of (L+_k - L-_k) / 2ε (with ε of
@@ -71,6 +75,7 @@ class ZOSGD(torch.optim.Optimizer):
         num_perturbations: int = 1,
         distribution: str = "normal",
         check_dropout: bool = True,
+        process_group: object | None = None,
     ) -> None:
         check_hyperparameters(lr, eps, weight_decay)
         check_options(num_perturbations, distribution)
@@ -81,6 +86,7 @@ class ZOSGD(torch.optim.Optimizer):
         self.num_perturbations = num_perturbations
         self.distribution = distribution
         self.check_dropout = check_dropout
+        self.process_group = process_group
         self.step_count = 0
         self.skipped_steps = 0
         self.projected_grad = 0.0
@@ -125,6 +131,9 @@ class ZOSGD(torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise TypeError("ZOSGD.step needs a closure that runs the forward pass and returns the loss, "
                             "e.g. opt.step(lambda: model(**batch).loss)")
+        engine = getattr(self, "offload_engine", None)
+        if engine is not None:
+            return engine.step(closure)
         self._check_groups()
         targets = self.noise_targets()
         seeds = self.seeds_for_step(self.step_count)
@@ -160,11 +169,12 @@ class ZOSGD(torch.optim.Optimizer):
                         raise dropout_error(found)
                 else:
                     loss_plus = loss_value(closure())
+                loss_plus = self.reduce_loss(loss_plus)
                 losses_plus.append(loss_plus)
                 if not math.isfinite(loss_plus):
                     return self._skip(restore, "L+", loss_plus, losses_plus)
                 shift([(seeds[k], -2.0)])
-                loss_minus = loss_value(closure())
+                loss_minus = self.reduce_loss(loss_value(closure()))
                 if not math.isfinite(loss_minus):
                     return self._skip(restore, "L-", loss_minus, losses_plus)
                 diffs.append((loss_plus - loss_minus) / 2.0)
@@ -188,6 +198,14 @@ class ZOSGD(torch.optim.Optimizer):
         self.step_count += 1
         return torch.tensor(sum(losses_plus) / q)
 
+    def reduce_loss(self, value: float) -> float:
+        """The loss averaged over the data-parallel ranks (itself without a ``process_group``)."""
+        pg = getattr(self, "process_group", None)  # not pickled: a process group does not survive a copy
+        if pg is None:
+            return value
+        group = None if pg is True else pg
+        return average_losses([value], group)[0]
+
     def _skip(self, restore: Callable[[], None], which: str, value: float, losses_plus: list[float]) -> torch.Tensor:
         restore()
         self.skipped_steps += 1
@@ -205,7 +223,10 @@ class ZOSGD(torch.optim.Optimizer):
 
     def flush(self) -> None:
         """Make the parameters hold their trained values. Without offloading they always do when ``step``
-        returns, so this does nothing; ``zo2.offload`` engines apply their deferred update here."""
+        returns, so this does nothing; a ``zo2.offload`` engine applies its pending restore and update."""
+        engine = getattr(self, "offload_engine", None)
+        if engine is not None:
+            engine.flush()
 
     # ------------------------------------------------------------------------------- serialisation
     def __getstate__(self) -> dict:
@@ -215,7 +236,8 @@ class ZOSGD(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch's optimizer state plus the ``zo2`` entry (base seed, step counter, q, distribution),
-        so that a resumed run draws the same directions as an uninterrupted one."""
+        so that a resumed run draws the same directions as an uninterrupted one. Flushes first."""
+        self.flush()
         sd = super().state_dict()
         sd["zo2"] = {
             "seed": self.seed,
@@ -233,6 +255,7 @@ class ZOSGD(torch.optim.Optimizer):
         if zo is None:
             raise KeyError("ZOSGD.load_state_dict: no 'zo2' entry; this state_dict was not saved by ZOSGD.state_dict()")
         check_options(zo["num_perturbations"], zo["distribution"])
+        self.flush()
         super().load_state_dict(state_dict)
         self.seed = int(zo["seed"])
         self.step_count = int(zo["step"])
