@@ -291,7 +291,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "memtrain CPU kernels: Philox noise and fused zeroth-order updates";
   m.def("zo_axpbz_", &zo_axpbz_, "p <- p + sum_j coefs[j] * z(seeds[j], stream, offset + i) + c * p, in place",
         py::arg("p"), py::arg("seeds"), py::arg("coefs"), py::arg("stream"), py::arg("c"), py::arg("dist"),
-        py::arg("offset"));
+        py::arg("offset"),
+        // No Python object is touched inside: other threads (the offload engine's) run meanwhile.
+        py::call_guard<py::gil_scoped_release>());
   m.def("philox_fill_", &philox_fill_, "out <- z(seed, stream, offset + i), in place", py::arg("out"),
-        py::arg("seed"), py::arg("stream"), py::arg("dist"), py::arg("offset"));
+        py::arg("seed"), py::arg("stream"), py::arg("dist"), py::arg("offset"), py::call_guard<py::gil_scoped_release>());
 }

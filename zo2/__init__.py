@@ -2,9 +2,13 @@
 
 ``zo2.ZOSGD`` is a drop-in ``torch.optim.Optimizer`` whose ``step(closure)`` runs the closure twice per
 direction (forward only) and updates the parameters in place; see :mod:`zo2.optimizer`.
+``zo2.offload(model, opt)`` streams the model's transformer blocks through the device during those
+steps; see :mod:`zo2.offload`.
 """
 
 from zo2.noise import step_seed
+from zo2.offload import OffloadEngine, TraceEvent, offload
 from zo2.optimizer import ZOSGD, NonFiniteLossWarning
+from zo2.plan import OffloadPlan
 
-__all__ = ["ZOSGD", "NonFiniteLossWarning", "step_seed"]
+__all__ = ["ZOSGD", "NonFiniteLossWarning", "OffloadEngine", "OffloadPlan", "TraceEvent", "offload", "step_seed"]
