@@ -94,6 +94,7 @@ class OffloadEngine:
         self.block_state: list[NoiseState] = []  # per block: host store / device copy (no AMP), master (AMP)
         self.device_state: dict[int, NoiseState] = {}  # AMP: state of each resident block's device copy
         self.resident_slot: dict[int, int] = {}
+        self._offloaded: dict[int, torch.cuda.Event] = {}  # CUDA: the copy back of each block's host store
         self.free_slots: deque[int] = deque()
         self.next_upload = 0
         self.record: StepRecord | None = None
@@ -321,7 +322,7 @@ class OffloadEngine:
                     future.result()
                 else:
                     self._prepare_master(b)
-            self.ring.upload(slot, store.wire_flat)
+            self.ring.upload(slot, store.wire_flat, after=self._offloaded.pop(b, None))
             store.attach(store.wire_layout.views(self.ring.buffers[slot]))
             if self.amp_dtype is not None:
                 self.device_state[b] = NoiseState()
@@ -370,7 +371,9 @@ class OffloadEngine:
         slot = self.resident_slot.pop(b)
         store = self.stores[b]
         if self.amp_dtype is None:
-            self.ring.release(slot, store.master_flat)
+            done = self.ring.release(slot, store.master_flat)
+            if done is not None:
+                self._offloaded[b] = done
         else:
             self.ring.release(slot, None)
             self.device_state.pop(b, None)
@@ -449,6 +452,7 @@ class OffloadEngine:
             raise RuntimeError("zo2.offload: the model was observed (state_dict, flush or a forward outside the "
                                "closure's model call) while a step is running; do that between steps")
         self.ring.synchronize()
+        self._offloaded.clear()
         for b in range(len(self.blocks)):
             self.block_state[b] = self._move(self._block_targets(b, master=True), self.block_state[b], None, {})
         for r in self.resident_params.values():

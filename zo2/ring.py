@@ -111,8 +111,9 @@ class Ring:
     def slots(self) -> int:
         return len(self.buffers)
 
-    def upload(self, slot: int, source: torch.Tensor) -> None:
-        """Copy the flat host buffer ``source`` into ``slot`` (asynchronously on CUDA)."""
+    def upload(self, slot: int, source: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
+        """Copy the flat host buffer ``source`` into ``slot`` (asynchronously on CUDA), after the slot's
+        previous occupant has left it and after ``after`` (the offload that last wrote ``source``)."""
         n = source.numel()
         if not self.cuda:
             self.buffers[slot][:n].copy_(source)
@@ -120,6 +121,8 @@ class Ring:
         with torch.cuda.stream(self.upload_stream):
             if self._freed[slot] is not None:
                 self.upload_stream.wait_event(self._freed[slot])
+            if after is not None:
+                self.upload_stream.wait_event(after)
             self.buffers[slot][:n].copy_(source, non_blocking=True)
             self._uploaded[slot].record(self.upload_stream)
 
@@ -128,12 +131,13 @@ class Ring:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self._uploaded[slot])
 
-    def release(self, slot: int, destination: torch.Tensor | None) -> None:
-        """Free ``slot`` after the compute issued so far; copy it back into ``destination`` first if given."""
+    def release(self, slot: int, destination: torch.Tensor | None) -> torch.cuda.Event | None:
+        """Free ``slot`` after the compute issued so far; copy it back into ``destination`` first if given.
+        Returns the CUDA event that marks the end of that copy (None on CPU)."""
         if not self.cuda:
             if destination is not None:
                 destination.copy_(self.buffers[slot][:destination.numel()])
-            return
+            return None
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.offload_stream):
@@ -143,6 +147,7 @@ class Ring:
             freed = torch.cuda.Event()
             freed.record(self.offload_stream)
         self._freed[slot] = freed
+        return freed
 
     def synchronize(self) -> None:
         """Wait for every copy in flight (before the host reads or writes the host store)."""
