@@ -185,7 +185,10 @@ class OffloadEngine:
                         r.lowp = torch.empty_like(p.data, dtype=self.amp_dtype)
                         r.master_state = NoiseState()
                     elif id(p) not in self._resident_frozen_lowp:
-                        self._resident_frozen_lowp[id(p)] = (p, p.data, p.data.to(self.amp_dtype))
+                        # frozen: the device needs only the low-precision copy; the fp32 original waits on
+                        # the host for observers and detach()
+                        lowp = p.data.to(self.amp_dtype)
+                        self._resident_frozen_lowp[id(p)] = (p, p.data.cpu(), lowp)
             for r in self.resident_params.values():
                 r.state = NoiseState()
         slot_bytes = max(s.wire_layout.nbytes for s in self.stores)

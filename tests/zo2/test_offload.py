@@ -76,21 +76,24 @@ def test_param_groups_and_scheduler_are_followed(make_opt):
     assert_models_close(offloaded, plain, atol=1e-5)
 
 
-def test_frozen_parameters_stream_but_are_never_touched(make_opt):
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_frozen_parameters_stream_but_are_never_touched(make_opt, amp):
     model = make_opt()
     for name, p in model.named_parameters():
         p.requires_grad_("fc1" in name or "q_proj" in name)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     opt = zo2.ZOSGD(model.parameters(), lr=1e-2, seed=2)
-    zo2.offload(model, opt, device="cpu", verbose=False)
+    zo2.offload(model, opt, device="cpu", amp=amp, verbose=False)
     for s in range(3):
         batch = make_batch(s)
         opt.step(lambda b=batch: model(**b).loss)
     opt.flush()
     for name, p in model.named_parameters():
         if name in frozen_before:
-            assert torch.equal(p, frozen_before[name]), name
+            assert p.dtype == torch.float32 and torch.equal(p, frozen_before[name]), name
     assert opt.projected_grad != 0.0
+    with torch.no_grad():
+        assert torch.isfinite(model(**make_batch()).logits).all()  # an eval forward after the steps
 
 
 @pytest.mark.parametrize("amp", [None, "bf16"])
