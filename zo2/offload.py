@@ -25,6 +25,7 @@ after the step instead of being copied back, which halves the traffic.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections import deque
@@ -199,7 +200,9 @@ class OffloadEngine:
             self._hooks.append(block.register_forward_hook(lambda m, a, o, b=b: self._after_block(b)))
         for module, own in self.resident_owners:
             self._hooks.append(module.register_forward_pre_hook(lambda m, a, own=own: self._before_resident(own)))
-        self._hooks.append(self.model.register_forward_pre_hook(lambda m, a: self._before_model()))
+        self._takes_use_cache = "use_cache" in inspect.signature(self.model.forward).parameters
+        self._hooks.append(self.model.register_forward_pre_hook(lambda m, a, kw: self._before_model(a, kw),
+                                                                with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(lambda m, a, o: self._after_model()))
         for module in self.model.modules():
             self._hooks.append(module.register_state_dict_pre_hook(lambda *a: self.flush()))
@@ -411,9 +414,12 @@ class OffloadEngine:
         self.flush()
 
     # ----------------------------------------------------------------------------- observation
-    def _before_model(self) -> None:
+    def _before_model(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.in_step and self.scheduler.current_half is not None:
-            return
+            if self._takes_use_cache and kwargs.get("use_cache") is not False:
+                # A KV cache would keep every block's keys and values on the device for each half.
+                return args, {**kwargs, "use_cache": False}
+            return None
         self.flush()
         if self.amp_dtype is not None:
             for r in self.resident_params.values():
@@ -421,6 +427,7 @@ class OffloadEngine:
                 r.param.data = r.lowp
             for p, _, lowp in self._resident_frozen_lowp.values():
                 p.data = lowp
+        return None
 
     def _after_model(self) -> None:
         if self.in_step and self.scheduler.current_half is not None:

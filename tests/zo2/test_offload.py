@@ -174,3 +174,18 @@ def test_non_finite_loss_skips_the_step_and_restores(make_opt):
     opt.flush()
     for n, p in model.named_parameters():
         assert_close_verbose(p, before[n], atol=1e-6, rtol=0, name=n)
+
+
+def test_steps_run_without_a_kv_cache(make_opt):
+    """A KV cache would hold every block's keys and values on the device for each half: steps turn it off."""
+    model = make_opt()
+    opt = zo2.ZOSGD(model.parameters(), lr=1e-3, seed=0)
+    zo2.offload(model, opt, device="cpu", verbose=False)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
+    batch = make_batch()
+    opt.step(lambda: model(**batch, use_cache=True).loss)
+    assert seen == [False, False]
+    with torch.no_grad():
+        model(**batch, use_cache=True)  # evaluation is left alone
+    assert seen[-1] is True
