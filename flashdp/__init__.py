@@ -20,6 +20,8 @@ __all__ = [
     "DPLayerNorm",
     "DPLinear",
     "DPOptimizer",
+    "DPTrainer",
+    "DPTrainingArguments",
     "DPRMSNorm",
     "FlashDPError",
     "ModelChangedError",
@@ -31,3 +33,14 @@ __all__ = [
     "privacy_state",
     "register_layer",
 ]
+
+_LAZY = {"DPTrainer": "flashdp.trainer", "DPTrainingArguments": "flashdp.trainer"}
+
+
+def __getattr__(name: str):
+    """The Trainer integration is imported on first use (importing transformers' Trainer takes seconds)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flashdp' has no attribute {name!r}")

@@ -228,6 +228,10 @@ class DPOptimizer(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("flashdp", None)
         self.inner.load_state_dict(state_dict)
+        # torch's load_state_dict replaces the inner optimizer's group dicts: share the new ones, or an LR
+        # scheduler built on this wrapper would keep editing the stale ones.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
         if extra is not None:
             self.steps = extra["steps"]
             self.skipped_steps = extra.get("skipped_steps", 0)

@@ -7,4 +7,15 @@ direction (forward only) and updates the parameters in place; see :mod:`zo2.opti
 from zo2.noise import step_seed
 from zo2.optimizer import ZOSGD, NonFiniteLossWarning
 
-__all__ = ["ZOSGD", "NonFiniteLossWarning", "step_seed"]
+__all__ = ["ZOSGD", "NonFiniteLossWarning", "ZOTrainer", "ZOTrainingArguments", "step_seed"]
+
+_LAZY = {"ZOTrainer": "zo2.trainer", "ZOTrainingArguments": "zo2.trainer"}
+
+
+def __getattr__(name: str):
+    """The Trainer integration is imported on first use (importing transformers' Trainer takes seconds)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'zo2' has no attribute {name!r}")

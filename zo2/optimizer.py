@@ -118,7 +118,8 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _check_groups(self) -> None:
         for i, group in enumerate(self.param_groups):
-            check_hyperparameters(group["lr"], group["eps"], group["weight_decay"], where=f"ZOSGD param group {i}")
+            check_hyperparameters(group["lr"], group["eps"], group["weight_decay"], where=f"ZOSGD param group {i}",
+                                  zero_lr_ok=True)
 
     # -------------------------------------------------------------------------------------- the step
     def seeds_for_step(self, step: int) -> list[int]:
