@@ -99,7 +99,7 @@ class DPTrainer(Trainer):
         if a.max_steps and a.max_steps > 0:
             steps = a.max_steps
         else:
-            steps = int(math.ceil(a.num_train_epochs / self.sample_rate))
+            steps = math.ceil(a.num_train_epochs / self.sample_rate)
         return get_noise_multiplier(target_epsilon=a.dp_target_epsilon, target_delta=a.dp_delta,
                                     sample_rate=self.sample_rate, steps=steps, mechanism=a.dp_accountant)
 

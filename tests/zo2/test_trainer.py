@@ -47,7 +47,8 @@ def reference(make_opt, batch_size: int, accumulation: int, steps: int, seed: in
 
 
 def assert_same_params(a, b):
-    bad = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True) if not torch.equal(p, q)]
+    pairs = zip(a.named_parameters(), b.named_parameters(), strict=True)
+    bad = [n for (n, p), (_, q) in pairs if not torch.equal(p, q)]
     assert not bad, f"parameters differ: {bad}"
 
 
