@@ -8,6 +8,7 @@
 
 from .accounting import PrivacyAccountant, get_noise_multiplier
 from .data import poisson_loader
+from .distributed import DistributedDataParallel
 from .errors import FlashDPError, ModelChangedError, UnsupportedModuleError
 from .layers_embedding import DPEmbedding
 from .layers_linear import DPLinear
@@ -23,6 +24,7 @@ __all__ = [
     "DPRMSNorm",
     "DPTrainer",
     "DPTrainingArguments",
+    "DistributedDataParallel",
     "FlashDPError",
     "ModelChangedError",
     "PrivacyAccountant",
