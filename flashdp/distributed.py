@@ -35,7 +35,7 @@ def sum_allreduce_hook(process_group: dist.ProcessGroup | None,
     return fut.then(lambda f: f.value()[0])
 
 
-def DistributedDataParallel(model: nn.Module, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:  # noqa: N802
+def DistributedDataParallel(model: nn.Module, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:
     """Wrap a private model in torch's DDP whose all-reduce sums the ranks' clipped gradient sums.
 
     ``ddp_kwargs`` go to ``torch.nn.parallel.DistributedDataParallel`` (``device_ids``, ``process_group``, ...).

@@ -62,7 +62,7 @@ def loss_value(loss: object) -> float:
             raise ValueError("ZOSGD.step: the closure's loss requires grad; zo2 runs the closure under "
                              "torch.no_grad() and needs no backward: remove torch.enable_grad() and "
                              "loss.backward() from the closure")
-        return float(loss.detach().float().item())
+        return float(loss.detach().double().item())  # exact for fp32/bf16/fp16; keeps an fp64 loss whole
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     raise TypeError(f"ZOSGD.step: the closure returned {type(loss).__name__}; it must return the scalar loss "
