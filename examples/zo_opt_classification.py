@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     if offload is not None and not hasattr(zo2, "offload"):
         raise SystemExit("--offload needs zo2.offload (the offload engine), which this build lacks")
     targs = ZOTrainingArguments(output_dir=args.output_dir, max_steps=args.steps,
-                                per_device_train_batch_size=args.batch_size, learning_rate=args.lr, zo_eps=args.eps, lr_scheduler_type="constant",
+                                per_device_train_batch_size=args.batch_size,
+                                learning_rate=args.lr, zo_eps=args.eps, lr_scheduler_type="constant",
                                 logging_steps=max(1, args.steps // 10), save_strategy="no", report_to=[],
                                 seed=args.seed, use_cpu=args.device == "cpu", zo_offload=offload)
     trainer = ZOTrainer(model=model, args=targs, train_dataset=train)
