@@ -8,6 +8,7 @@
 
 from .accounting import PrivacyAccountant, get_noise_multiplier
 from .data import poisson_loader
+from .distributed import DistributedDataParallel
 from .errors import FlashDPError, ModelChangedError, UnsupportedModuleError
 from .layers_embedding import DPEmbedding
 from .layers_linear import DPLinear
@@ -21,6 +22,9 @@ __all__ = [
     "DPLinear",
     "DPOptimizer",
     "DPRMSNorm",
+    "DPTrainer",
+    "DPTrainingArguments",
+    "DistributedDataParallel",
     "FlashDPError",
     "ModelChangedError",
     "PrivacyAccountant",
@@ -31,3 +35,14 @@ __all__ = [
     "privacy_state",
     "register_layer",
 ]
+
+_LAZY = {"DPTrainer": "flashdp.trainer", "DPTrainingArguments": "flashdp.trainer"}
+
+
+def __getattr__(name: str):
+    """The Trainer integration is imported on first use (importing transformers' Trainer takes seconds)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flashdp' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
 ``step()``:
 
-1. (distributed) rank 0 alone will add noise; the clipped sums are all-reduced (SUM) across ranks;
+1. (distributed) rank 0 alone will add noise; the clipped sums are all-reduced (SUM) across ranks, unless
+   ``flashdp.DistributedDataParallel`` already summed them during backward;
 2. skip the step with a warning if any gradient is NaN/inf (nothing is applied, no noise drawn);
 3. ``p.grad += N(0, σ² C_l²)`` for each trainable parameter p, ``C_l`` the threshold of p's clip group
    (fp32 noise from the optimizer's generator, added once per ``step`` whatever the number of
@@ -184,7 +185,7 @@ class DPOptimizer(Optimizer):
         dist = torch.distributed
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank = dist.get_rank() if distributed else 0
-        if distributed:
+        if distributed and not self.privacy.grads_summed_by_ddp:
             for p in params:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         if params:
@@ -228,6 +229,10 @@ class DPOptimizer(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("flashdp", None)
         self.inner.load_state_dict(state_dict)
+        # torch's load_state_dict replaces the inner optimizer's group dicts: share the new ones, or an LR
+        # scheduler built on this wrapper would keep editing the stale ones.
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
         if extra is not None:
             self.steps = extra["steps"]
             self.skipped_steps = extra.get("skipped_steps", 0)

@@ -60,6 +60,7 @@ class PrivacyState:
     param_names: dict[int, str]
     reduction: str
     hooks: list = field(default_factory=list)
+    grads_summed_by_ddp: bool = False  # set by flashdp.DistributedDataParallel: DPOptimizer skips its all-reduce
     model_ref: Callable[[], nn.Module | None] = lambda: None
 
     def check_unchanged(self) -> None:

@@ -11,4 +11,16 @@ from zo2.offload import OffloadEngine, TraceEvent, offload
 from zo2.optimizer import ZOSGD, NonFiniteLossWarning
 from zo2.plan import OffloadPlan
 
-__all__ = ["ZOSGD", "NonFiniteLossWarning", "OffloadEngine", "OffloadPlan", "TraceEvent", "offload", "step_seed"]
+__all__ = ["ZOSGD", "NonFiniteLossWarning", "OffloadEngine", "OffloadPlan", "TraceEvent", "ZOTrainer",
+           "ZOTrainingArguments", "offload", "step_seed"]
+
+_LAZY = {"ZOTrainer": "zo2.trainer", "ZOTrainingArguments": "zo2.trainer"}
+
+
+def __getattr__(name: str):
+    """The Trainer integration is imported on first use (importing transformers' Trainer takes seconds)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'zo2' has no attribute {name!r}")

@@ -18,8 +18,10 @@ from memtrain.kernels.philox import DISTRIBUTIONS, SUPPORTED_DTYPES, is_dense
 FUNCTIONAL_DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "resid_pdrop")
 
 
-def check_hyperparameters(lr: float, eps: float, weight_decay: float, where: str = "ZOSGD") -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+def check_hyperparameters(lr: float, eps: float, weight_decay: float, where: str = "ZOSGD",
+                          zero_lr_ok: bool = False) -> None:
+    """``zero_lr_ok``: at step time a scheduler may set lr = 0 (the first step of a linear warm-up)."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and (lr > 0 or (zero_lr_ok and lr == 0))):
         raise ValueError(f"{where}: lr must be a finite number > 0, got {lr!r}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"{where}: eps (the perturbation scale) must be a finite number > 0, got {eps!r}; "
@@ -60,7 +62,7 @@ def loss_value(loss: object) -> float:
             raise ValueError("ZOSGD.step: the closure's loss requires grad; zo2 runs the closure under "
                              "torch.no_grad() and needs no backward: remove torch.enable_grad() and "
                              "loss.backward() from the closure")
-        return float(loss.detach().float().item())
+        return float(loss.detach().double().item())  # exact for fp32/bf16/fp16; keeps an fp64 loss whole
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     raise TypeError(f"ZOSGD.step: the closure returned {type(loss).__name__}; it must return the scalar loss "

@@ -2,7 +2,13 @@
 
 With ``ZOSGD(..., process_group=group)`` each rank runs the closure on its own shard of the batch; the
 losses L+ and L- are averaged over the group's ranks before the projected gradient is formed, so every
-rank applies the identical update and no parameter or gradient is communicated.
+rank applies the identical update and no parameter or gradient is communicated. That holds only if
+every rank draws the same directions: on its first step each process checks, with one small all-reduce,
+that all ranks share the base seed, the step counter, q and the distribution, and names the difference.
+
+Launch (one process per GPU, or per CPU socket with gloo):
+
+    torchrun --nproc_per_node=4 train.py     # in train.py: dist.init_process_group(); ZOSGD(..., process_group=True)
 """
 
 from __future__ import annotations
@@ -27,3 +33,23 @@ def average_losses(values: list[float], group: dist.ProcessGroup | None) -> list
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     t /= dist.get_world_size(group)
     return t.tolist()
+
+
+def check_same_run(seed: int, step: int, num_perturbations: int, distribution: str,
+                   group: dist.ProcessGroup | None) -> None:
+    """Raise on every rank if the ranks would draw different directions (seed, step, q or distribution differ)."""
+    if not dist.is_available() or not dist.is_initialized():
+        average_losses([0.0], group)  # raises the not-initialised error
+    fields = {"seed": seed % 2**63, "step": step, "num_perturbations": num_perturbations,
+              "distribution": 0 if distribution == "normal" else 1}
+    mine = torch.tensor(list(fields.values()), dtype=torch.int64, device=_reduce_device(group))
+    lo, hi = mine.clone(), mine.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    differ = [name for name, a, b in zip(fields, lo.tolist(), hi.tolist(), strict=True) if a != b]
+    if differ:
+        raise RuntimeError(
+            f"ZOSGD: the data-parallel ranks disagree on {differ} (this rank: "
+            f"{ {k: fields[k] for k in differ} }); every rank must draw the same directions to apply the same "
+            "update. Give all ranks the same ZOSGD(seed=...) and options, and resume all of them from the same "
+            "checkpoint")

@@ -28,7 +28,7 @@ from zo2.checks import (
     loss_value,
     record_active_dropout,
 )
-from zo2.distributed import average_losses
+from zo2.distributed import average_losses, check_same_run
 from zo2.noise import NoiseTarget, apply_terms, step_seed
 
 Closure = Callable[[], torch.Tensor | float]
@@ -118,7 +118,8 @@ class ZOSGD(torch.optim.Optimizer):
 
     def _check_groups(self) -> None:
         for i, group in enumerate(self.param_groups):
-            check_hyperparameters(group["lr"], group["eps"], group["weight_decay"], where=f"ZOSGD param group {i}")
+            check_hyperparameters(group["lr"], group["eps"], group["weight_decay"], where=f"ZOSGD param group {i}",
+                                  zero_lr_ok=True)
 
     # -------------------------------------------------------------------------------------- the step
     def seeds_for_step(self, step: int) -> list[int]:
@@ -131,6 +132,7 @@ class ZOSGD(torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise TypeError("ZOSGD.step needs a closure that runs the forward pass and returns the loss, "
                             "e.g. opt.step(lambda: model(**batch).loss)")
+        self._check_ranks_agree()
         engine = getattr(self, "offload_engine", None)
         if engine is not None:
             return engine.step(closure)
@@ -198,6 +200,15 @@ class ZOSGD(torch.optim.Optimizer):
         self.step_count += 1
         return torch.tensor(sum(losses_plus) / q)
 
+    def _check_ranks_agree(self) -> None:
+        """Once per process (and after load_state_dict): all ranks must share seed, step, q and distribution."""
+        pg = getattr(self, "process_group", None)
+        if pg is None or getattr(self, "_ranks_checked", False):
+            return
+        check_same_run(self.seed, self.step_count, self.num_perturbations, self.distribution,
+                       None if pg is True else pg)
+        self._ranks_checked = True
+
     def reduce_loss(self, value: float) -> float:
         """The loss averaged over the data-parallel ranks (itself without a ``process_group``)."""
         pg = getattr(self, "process_group", None)  # not pickled: a process group does not survive a copy
@@ -263,3 +274,4 @@ class ZOSGD(torch.optim.Optimizer):
         self.num_perturbations = int(zo["num_perturbations"])
         self.distribution = str(zo["distribution"])
         self.projected_grad = float(zo["projected_grad"])
+        self._ranks_checked = False

@@ -14,6 +14,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+LLAMA_VOCAB = 50
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama (RMSNorm, grouped-query attention, untied head) from a config, random init."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=LLAMA_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def make_llama():
+    return tiny_llama
 
 
 def reference_groups(model: nn.Module) -> list[list[str]]:

@@ -1,0 +1,99 @@
+"""zo2 data-parallel on gloo (2 CPU processes): the same update as one process with the whole batch."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import zo2
+
+WORKER = """
+import os, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+import zo2
+
+rank, world, port, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
+dist.init_process_group("gloo", rank=rank, world_size=world)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2)).double().eval()
+seed = 11 + (rank if mode == "badseed" else 0)
+opt = zo2.ZOSGD(model.parameters(), lr=0.05, eps=1e-3, seed=seed, num_perturbations=2, process_group=True)
+if mode == "offload":
+    zo2.offload(model, opt, device="cpu")
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(8, 6, generator=g).double(), torch.randn(8, 2, generator=g).double()
+per_rank = 8 // world
+xs, ys = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+try:
+    losses = [opt.step(lambda: nn.functional.mse_loss(model(xs * (1 + 0.1 * t)), ys)).item() for t in range(3)]
+except RuntimeError as e:
+    torch.save({"error": str(e)}, f"{out}.{rank}")
+    sys.exit(0)
+opt.flush()
+torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses},
+           f"{out}.{rank}")
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tmp_path, world: int, mode: str) -> list[dict]:
+    script = tmp_path / "zo_worker.py"
+    script.write_text(WORKER)
+    port, out = str(_free_port()), str(tmp_path / f"{mode}{world}")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port, mode, out],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    return [torch.load(f"{out}.{r}") for r in range(world)]
+
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+
+
+def check_matches_single(tmp_path, mode: str) -> None:
+    (single,) = run(tmp_path, 1, "plain")
+    ranks = run(tmp_path, 2, mode)
+    for r in ranks:
+        for n, p in single["params"].items():
+            # float64: only the order of the loss summation differs, amplified by 1/ε in g
+            torch.testing.assert_close(r["params"][n], p, rtol=1e-9, atol=1e-11, msg=n)
+        # step returns the loss averaged over the ranks: the whole batch's (equal shards, mean loss)
+        assert r["losses"] == pytest.approx(single["losses"], rel=1e-6)
+    for n in ranks[0]["params"]:
+        assert torch.equal(ranks[0]["params"][n], ranks[1]["params"][n])  # bit-identical replicas
+
+
+def test_two_ranks_match_one_process_with_whole_batch(tmp_path):
+    check_matches_single(tmp_path, "plain")
+
+
+def test_ranks_with_different_seeds_are_refused(tmp_path):
+    ranks = run(tmp_path, 2, "badseed")
+    for r in ranks:
+        assert "error" in r and "seed" in r["error"] and "same ZOSGD(seed=" in r["error"]
+
+
+@pytest.mark.skipif(not hasattr(zo2, "offload"), reason="zo2.offload (the offload engine) is not in this build")
+def test_two_ranks_with_offload_match_one_process(tmp_path):
+    check_matches_single(tmp_path, "offload")
+
+
+def test_process_group_without_init_is_a_clear_error():
+    opt = zo2.ZOSGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, process_group=True)
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        opt.step(lambda: torch.tensor(1.0))

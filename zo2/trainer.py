@@ -1,0 +1,246 @@
+"""ZOTrainer: ``transformers.Trainer`` whose training step is a zeroth-order ``ZOSGD`` step.
+
+    args = zo2.ZOTrainingArguments(output_dir="out", learning_rate=1e-6, zo_eps=1e-3, max_steps=1000)
+    trainer = zo2.ZOTrainer(model=model, args=args, train_dataset=ds, data_collator=collate)
+    trainer.train()
+
+How it hooks into the Trainer (the least it overrides):
+
+- ``create_optimizer`` builds ``ZOSGD`` over the trainable parameters (``args.learning_rate``,
+  ``args.weight_decay``, ``args.zo_eps``, ``args.seed``; only parameters with ``requires_grad``, so a PEFT
+  model trains its adapters alone) and, with ``args.zo_offload``, attaches ``zo2.offload``. The Trainer
+  holds a :class:`ZOStepAdapter` that shares the ZOSGD's ``param_groups`` (the LR scheduler drives the ZO
+  learning rate and steps every step, as with any optimizer) and whose own ``step()`` only checks that
+  the ZO step was taken.
+- ``training_step`` collects the micro-batches of a gradient-accumulation window and, on the last one,
+  runs ``opt.step(closure)``: forward passes only, under ``no_grad``, model in eval mode (dropout off).
+  No backward, no gradient clipping (``max_grad_norm`` defaults to 0 here; another value is refused).
+- Gradient accumulation over k micro-batches is k·q perturbation directions at the same θ, directions
+  ``j·q .. j·q+q-1`` estimated on micro-batch j, averaged into one update. Each closure call runs the
+  model once on one micro-batch (what the offload engine requires) and memory stays that of one
+  micro-batch; the estimate is unbiased for the gradient of the mean loss over the k micro-batches.
+- ``evaluate``, ``predict`` and ``_save`` flush pending updates first (``opt.flush()``), so they see the
+  trained parameters when offloading defers an update.
+- With ``zo_offload`` the model is not moved to the device by the Trainer or by accelerate: the engine
+  places blocks itself.
+- Under ``torchrun`` (world size > 1) ZOSGD gets ``process_group=True``: each rank runs its shard and the
+  losses are averaged, so every rank applies the same update (all ranks need the same ``args.seed``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from zo2.optimizer import ZOSGD
+
+__all__ = ["ZOStepAdapter", "ZOTrainer", "ZOTrainingArguments"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ZOTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the ZO options (``zo_*``); ``max_grad_norm`` defaults to 0 (no gradients)."""
+
+    zo_eps: float = field(default=1e-3, metadata={"help": "ZO perturbation scale ε"})
+    zo_num_perturbations: int = field(default=1, metadata={"help": "q directions per micro-batch"})
+    zo_distribution: str = field(default="normal", metadata={"help": "'normal' or 'rademacher' directions"})
+    zo_offload: dict | None = field(
+        default=None, metadata={"help": "keyword arguments of zo2.offload (e.g. {'device': 'cuda', 'amp': 'bf16'}); "
+                                        "None trains the model where it is"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "must stay 0: a ZO step has no gradient to clip"})
+
+    @property
+    def place_model_on_device(self) -> bool | None:
+        """False with offloading: the engine, not the Trainer, decides where each block lives."""
+        return False if self.zo_offload is not None else None
+
+
+class ZOStepAdapter(torch.optim.Optimizer):
+    """What the Trainer sees as its optimizer: the ZOSGD's param groups and state, a ``step()`` that checks.
+
+    The ZO step itself runs in ``ZOTrainer.training_step`` (it needs the batch); the Trainer's later
+    ``optimizer.step()`` call must find that step taken, otherwise something drove the adapter outside
+    the Trainer's loop, which is an error rather than a silent no-op.
+    """
+
+    def __init__(self, zo: ZOSGD) -> None:
+        self.zo = zo
+        self.pending_steps = 0
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+
+    # Read through, never cached: ZOSGD.load_state_dict (which accelerate calls when it prepares the
+    # optimizer, and resuming calls) replaces the group dicts; the LR scheduler must edit the live ones.
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        return self.zo.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.zo.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.zo.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.zo.state = value
+
+    @property
+    def defaults(self) -> dict:  # type: ignore[override]
+        return self.zo.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        self.zo.defaults = value
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if closure is not None:
+            return self.zo.step(closure)
+        if self.pending_steps < 1:
+            raise RuntimeError("ZOStepAdapter.step() without a closure: no ZO step was taken by "
+                               "ZOTrainer.training_step since the last call; call zo.step(closure) yourself "
+                               "outside the Trainer")
+        self.pending_steps -= 1
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: a ZO step makes no gradients."""
+
+    def flush(self) -> None:
+        self.zo.flush()
+
+    def state_dict(self) -> dict:
+        return self.zo.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.zo.load_state_dict(state_dict)
+
+
+class ZOTrainer(Trainer):
+    """``transformers.Trainer`` driving ``zo2.ZOSGD`` (see the module docstring for the semantics).
+
+    Pass ``ZOTrainingArguments`` (plain ``TrainingArguments`` get the zo defaults), or your own ``ZOSGD``
+    through ``optimizers=(zo, scheduler_or_None)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.args.max_grad_norm:
+            raise ValueError(f"ZOTrainer: max_grad_norm={self.args.max_grad_norm}, but a ZO step has no gradient to "
+                             "clip; set max_grad_norm=0 (ZOTrainingArguments' default)")
+        if self.args.n_gpu > 1:
+            raise ValueError("ZOTrainer: torch.nn.DataParallel over several GPUs is not supported; launch one process "
+                             "per GPU with torchrun (ZOSGD then averages the losses over ranks)")
+        if self.zo_options["offload"] is not None:
+            self.accelerator.device_placement = False  # accelerate.prepare would move the whole model otherwise
+        if isinstance(self.optimizer, ZOSGD):
+            self.optimizer = self._adapt(self.optimizer)
+        self._micro_batches: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------------------- options
+    @property
+    def zo_options(self) -> dict[str, Any]:
+        a = self.args
+        return {"eps": getattr(a, "zo_eps", 1e-3), "num_perturbations": getattr(a, "zo_num_perturbations", 1),
+                "distribution": getattr(a, "zo_distribution", "normal"), "offload": getattr(a, "zo_offload", None)}
+
+    @property
+    def zo(self) -> ZOSGD:
+        """The ZOSGD (the Trainer's ``self.optimizer`` is an adapter, possibly wrapped by accelerate)."""
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, ZOStepAdapter):
+            opt = getattr(opt, "optimizer", None)
+        if opt is None:
+            raise RuntimeError("ZOTrainer: the optimizer is not created yet (it is built by train() or "
+                               "create_optimizer())")
+        return opt.zo
+
+    def _adapt(self, zo: ZOSGD) -> ZOStepAdapter:
+        if self.args.world_size > 1 and zo.process_group is None:
+            zo.process_group = True
+        offload = self.zo_options["offload"]
+        if offload is not None and getattr(zo, "offload_engine", None) is None:
+            import zo2
+
+            if not hasattr(zo2, "offload"):
+                raise RuntimeError("ZOTrainer: zo_offload was given but this zo2 has no offload engine "
+                                   "(zo2.offload); upgrade memtrain or set zo_offload=None")
+            zo2.offload(self.model, zo, **offload)
+        return ZOStepAdapter(zo)
+
+    # --------------------------------------------------------------------------------- Trainer hooks
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Build ``ZOSGD`` over the trainable parameters (an adapter around it, for the Trainer)."""
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("ZOTrainer: the model has no trainable parameter (requires_grad=True)")
+            o = self.zo_options
+            zo = ZOSGD(params, lr=self.args.learning_rate, eps=o["eps"], weight_decay=self.args.weight_decay,
+                       seed=self.args.seed, num_perturbations=o["num_perturbations"], distribution=o["distribution"])
+            self.optimizer = self._adapt(zo)
+        elif isinstance(self.optimizer, ZOSGD):
+            self.optimizer = self._adapt(self.optimizer)
+        elif not isinstance(self.optimizer, ZOStepAdapter):
+            raise TypeError(f"ZOTrainer: the optimizer must be a zo2.ZOSGD, got {type(self.optimizer).__name__}")
+        return self.optimizer
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        """Collect micro-batches; on the last of an accumulation window take one ZO step over them."""
+        self._micro_batches.append(self._prepare_inputs(inputs))
+        if not self.accelerator.sync_gradients:
+            return torch.zeros((), device=self.args.device)  # the window's mean loss is returned at its end
+        batches, self._micro_batches = self._micro_batches, []
+        zo = self.zo
+        q = zo.num_perturbations
+        calls = itertools.count()
+
+        def closure() -> torch.Tensor:
+            micro_batch = batches[(next(calls) // 2) // q]  # calls 2d, 2d+1 estimate direction d
+            return self.compute_loss(model, micro_batch)
+
+        model.eval()  # the two forward passes must see the same function: no dropout
+        zo.num_perturbations = q * len(batches)
+        try:
+            loss = zo.step(closure)
+        finally:
+            zo.num_perturbations = q
+        self._adapter().pending_steps += 1
+        return loss.detach().to(self.args.device)
+
+    def _adapter(self) -> ZOStepAdapter:
+        opt = self.optimizer
+        while not isinstance(opt, ZOStepAdapter):
+            opt = opt.optimizer
+        return opt
+
+    def _flush(self) -> None:
+        if self.optimizer is not None:
+            self.zo.flush()
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self._flush()
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        self._flush()
+        return super().predict(*args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        self._flush()
+        super()._save(output_dir, state_dict)
