@@ -25,7 +25,7 @@ model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2)).double().ev
 seed = 11 + (rank if mode == "badseed" else 0)
 opt = zo2.ZOSGD(model.parameters(), lr=0.05, eps=1e-3, seed=seed, num_perturbations=2, process_group=True)
 if mode == "offload":
-    zo2.offload(model, opt, device="cpu")
+    zo2.offload(model, opt, device="cpu", blocks=[model[0], model[2]], verbose=False)
 g = torch.Generator().manual_seed(1)
 x, y = torch.randn(8, 6, generator=g).double(), torch.randn(8, 2, generator=g).double()
 per_rank = 8 // world
@@ -66,10 +66,13 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def check_matches_single(tmp_path, mode: str) -> None:
     (single,) = run(tmp_path, 1, "plain")
     ranks = run(tmp_path, 2, mode)
+    # float64: only the order of the loss summation differs, amplified by 1/ε in g. The offload engine
+    # also groups the noise terms differently (a step's update is fused with the next perturbation), and
+    # the kernels form a pass's noise increment in fp32 (z has fp32 precision), hence its wider tolerance.
+    rtol, atol = (1e-9, 1e-11) if mode == "plain" else (1e-6, 1e-8)
     for r in ranks:
         for n, p in single["params"].items():
-            # float64: only the order of the loss summation differs, amplified by 1/ε in g
-            torch.testing.assert_close(r["params"][n], p, rtol=1e-9, atol=1e-11, msg=n)
+            torch.testing.assert_close(r["params"][n], p, rtol=rtol, atol=atol, msg=n)
         # step returns the loss averaged over the ranks: the whole batch's (equal shards, mean loss)
         assert r["losses"] == pytest.approx(single["losses"], rel=1e-6)
     for n in ranks[0]["params"]:
