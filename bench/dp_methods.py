@@ -72,7 +72,9 @@ def _opacus(ghost: bool):
             v = logits.shape[-1]
             flat = logits.reshape(-1, v), ids[:, 1:].reshape(-1)
             loss = dp_crit(*flat, shape=logits.shape) if ghost else dp_crit(*flat)
-            loss.backward()
+            with warnings.catch_warnings():  # Opacus's hooks warn on every backward pass
+                warnings.simplefilter("ignore")
+                loss.backward()
             opt.step()
             opt.zero_grad()
             return loss.item()

@@ -100,7 +100,7 @@ def run_method(name: str, method: Method, cfg: RunConfig, probe: MemoryProbe, ba
                 probe.reset()
             phase("first step" if i == 0 else "step")
             out: list[float] = []
-            t = time_once(lambda: out.append(runner.step()), cfg.device)
+            t = time_once(lambda out=out: out.append(runner.step()), cfg.device)
             losses.append(out[0])
             if i >= cfg.warmup:
                 times.append(t)
@@ -126,7 +126,7 @@ def run_method(name: str, method: Method, cfg: RunConfig, probe: MemoryProbe, ba
     finally:
         if cfg.profile_memory and probe.cuda:
             torch.cuda.memory._record_memory_history(enabled=None)
-        del runner, workload
+        runner = workload = None  # free the model before the next method
         probe.collect()
         phase("idle")
     return record
