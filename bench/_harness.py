@@ -59,11 +59,35 @@ def quantiles(ts: list[float]) -> dict:
 
 
 def git_sha() -> str:
+    """The checkout's commit, with ``-dirty`` when it has uncommitted changes ('unknown' outside a checkout)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=RESULTS.parent, check=True).stdout.strip()
+        def git(*a: str) -> str:
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=RESULTS.parent,
+                                  check=True).stdout.strip()
+
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "--", ".") else "")
     except Exception:
         return "unknown"
+
+
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def gpu_driver() -> str:
+    """The NVIDIA driver version from nvidia-smi ('none' without one)."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True, timeout=20).stdout.strip().splitlines()[0]
+    except Exception:
+        return "none"
 
 
 def environment(device: str) -> dict:
@@ -76,9 +100,12 @@ def environment(device: str) -> dict:
         "git_sha": git_sha(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "bench_device": device,
+        "device_name": device_name(device),
+        "driver": gpu_driver(),
     })
     if device.startswith("cuda"):
         env["cuda_runtime"] = str(torch.version.cuda)
+        env["gpu_memory_bytes"] = str(torch.cuda.get_device_properties(torch.device(device)).total_memory)
     return env
 
 

@@ -1,4 +1,5 @@
-"""End-to-end DP training throughput and peak memory: non-DP vs flashdp vs Opacus (hooks) vs Opacus ghost.
+"""End-to-end DP training throughput and peak memory (one process per method; ``python -m bench dp`` runs
+the same methods in one process, with the memory plan): non-DP vs flashdp vs Opacus (hooks) vs Opacus ghost.
 
 Commands (results in bench/RESULTS.md):
 
@@ -29,6 +30,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.dp_methods import DP_METHODS
+from bench.methods import Workload, freeze_all_but_linear
+
 METHODS = ("nondp", "flashdp", "opacus", "opacus_ghost")
 
 
@@ -53,72 +58,16 @@ def _build(args):
     )
     model = transformers.LlamaForCausalLM(cfg)
     if args.trainable == "linear":
-        for m in model.modules():
-            if not isinstance(m, torch.nn.Linear):
-                for p in m.parameters(recurse=False):
-                    p.requires_grad_(False)
+        freeze_all_but_linear(model)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     return model, ids
 
 
 def _make_step(args, method: str):
     """Build a fresh model for ``method`` and return (step function, trainable parameters)."""
-    import torch
-
     model, ids = _build(args)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    crit = torch.nn.CrossEntropyLoss()
-    V = args.vocab
-
-    def lm_loss(logits):
-        return crit(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
-
-    if method == "nondp":
-        opt = torch.optim.SGD(params, lr=1e-3)
-
-        def step():
-            lm_loss(model(input_ids=ids).logits).backward()
-            opt.step()
-            opt.zero_grad()
-    elif method == "flashdp":
-        import flashdp
-
-        flashdp.make_private(model, max_grad_norm=1.0)
-        opt = flashdp.DPOptimizer(torch.optim.SGD(params, lr=1e-3), noise_multiplier=1.0,
-                                  expected_batch_size=args.batch, seed=0)
-
-        def step():
-            lm_loss(model(input_ids=ids).logits).backward()
-            opt.step()
-            opt.zero_grad()
-    else:
-        import warnings
-
-        from opacus import PrivacyEngine
-        from torch.utils.data import DataLoader, TensorDataset
-
-        warnings.filterwarnings("ignore")
-        loader = DataLoader(TensorDataset(ids), batch_size=args.batch)
-        engine = PrivacyEngine()
-        ghost = method == "opacus_ghost"
-        kw = {"criterion": crit, "grad_sample_mode": "ghost"} if ghost else {"grad_sample_mode": "hooks"}
-        out = engine.make_private(module=model, optimizer=torch.optim.SGD(params, lr=1e-3), data_loader=loader,
-                                  noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, **kw)
-        gmodel, opt = out[0], out[1]
-        dp_crit = out[2] if ghost else None
-
-        def step():
-            logits = gmodel(input_ids=ids).logits[:, :-1]
-            if ghost:
-                loss = dp_crit(logits.reshape(-1, V), ids[:, 1:].reshape(-1), shape=logits.shape)
-            else:
-                loss = crit(logits.reshape(-1, V), ids[:, 1:].reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-
-    return step, params
+    workload = Workload(model, ids, "cpu", args.trainable)
+    return DP_METHODS[method.replace("_", "-")].setup(workload).step, workload.params
 
 
 def _worker(args) -> dict:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 
 import torch
-from _harness import environment, interleaved, print_table, write_json
-from bench_zo_step import PRESETS, build_model
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import zo2
+from bench._harness import environment, interleaved, print_table, write_json
+from bench.presets import PRESETS, build_model
 
 
 def peak_device_bytes(device: str, fn) -> int | None:

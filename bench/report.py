@@ -1,0 +1,127 @@
+"""What a run prints and writes: the terminal table, the memory breakdown by owner and the plots."""
+
+from __future__ import annotations
+
+import pathlib
+
+MiB = 2**20
+
+
+def breakdown(record: dict, plan: dict | None) -> dict:
+    """Measured memory by phase and by owner (increases over the baseline), beside the plan's parts.
+
+    Owners that a measurement cannot separate (activations from noise within one step) come from the plan.
+    """
+    m = record["memory_bytes"]
+    owners = {
+        "resident modules": m["after_build"],
+        "optimizer state": max(0, m["after_first_step"] - m["after_build"]),
+        "activations and temporaries (step)": max(0, m["steady_step_peak"] - m["after_first_step"]),
+    }
+    if "offload_plan" in record:
+        owners["offload ring"] = record["offload_plan"].get("ring_bytes")
+    phases = {k: m[k] for k in ("build_peak", "first_step_peak", "steady_step_peak")}
+    return {"phases_peak_bytes": phases, "owners_bytes": owners,
+            "planned_owners_bytes": plan["components_bytes"] if plan else None}
+
+
+def _fmt(v, scale: float = 1.0, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v / scale, spec)
+
+
+def print_results(title: str, results: list[dict]) -> None:
+    """One row per (model, method): throughput, step time, measured and planned peak, relative to the first."""
+    from ._harness import print_table
+
+    rows = []
+    for r in results:
+        if r["status"] != "ok":
+            rows.append([r["model"], r["method"], r["status"], "-", "-", "-", "-", "-", r.get("error", "")[:90]])
+            continue
+        peak = r["memory_bytes"]["peak"]
+        plan = r.get("plan", {}).get("total_bytes")
+        err = r.get("plan_error")
+        rows.append([r["model"], r["method"], "ok", _fmt(r["tokens_per_s"]), _fmt(r["median_step_s"], 1e-3),
+                     _fmt(peak, MiB), _fmt(plan, MiB), "-" if err is None else f"{100 * err:+.0f}%", ""])
+    print_table(title, ["model", "method", "status", "tokens/s", "step ms", "peak MiB", "plan MiB", "plan err",
+                        "note"], rows)
+
+
+def print_plans(plans: list[dict]) -> None:
+    from ._harness import print_table
+
+    rows = [[p["model"], p["method"], _fmt(p["total_bytes"], 2**30, ".2f"),
+             ", ".join(f"{k} {v / 2**30:.2f}" for k, v in p["components_bytes"].items() if v)] for p in plans]
+    print_table("planned peak memory (GiB)", ["model", "method", "GiB", "parts (GiB)"], rows)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def make_plots(results: list[dict], out: pathlib.Path, memory_kind: str) -> list[str]:
+    """Peak memory against model size per method, and throughput per method; [] with a message without
+    matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        print("plots skipped: matplotlib is not installed (pip install 'memtrain[bench]')")
+        return []
+    ok = [r for r in results if r["status"] == "ok"]
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = sorted((r["n_params"], r["memory_bytes"]["peak"] / MiB) for r in ok if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(f"peak memory increase, MiB ({memory_kind})")
+    ax.set_title("peak memory against model size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "peak_memory.png")
+    fig.savefig(paths[-1], dpi=120)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        tps = [next((r["tokens_per_s"] for r in ok if r["method"] == m and r["model"] == model), 0) for m in methods]
+        ax.bar([j + i * width for j in range(len(methods))], tps, width, label=model)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(methods))], methods, rotation=30,
+                  ha="right", fontsize=8)
+    ax.set_ylabel("tokens/s")
+    ax.set_title("throughput per method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "throughput.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close("all")
+    return [str(p) for p in paths]
+
+
+def plot_timeline(samples: list[dict], out: pathlib.Path) -> str | None:
+    """The RSS timeline of a CPU run, one colour per method."""
+    plt = _pyplot()
+    if plt is None or not samples:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    methods = list(dict.fromkeys(s["phase"].split(":")[0] for s in samples))
+    for m in methods:
+        pts = [(s["t_s"], s["rss_bytes"] / MiB) for s in samples if s["phase"].split(":")[0] == m]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=2, label=m)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS, MiB")
+    ax.legend(fontsize=7, markerscale=4)
+    fig.tight_layout()
+    path = out / "rss_timeline.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

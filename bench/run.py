@@ -1,0 +1,164 @@
+"""Runs the methods of a comparison one after another in this process and measures each one.
+
+For each method: build a fresh model and batch (same seed for all), set the method up, run ``warmup``
+untimed and ``steps`` timed steps, and record step times (CUDA events on GPU), tokens/s (each token
+counted once per step) and memory in three windows: build (weights and set-up), the first step
+(optimizer state appears) and the steady steps (activations and temporaries). Memory is the increase
+over a baseline taken just before the model is built. ``rounds`` > 1 repeats the whole sequence
+(A B C, A B C ...) so that a noisy machine slows every method alike; times are pooled over the rounds.
+
+On CPU each method is first run once on a tiny model of the same family ("priming"), so that the code
+pages and thread pools it touches are resident before its baseline is taken. A method that raises is
+recorded as failed (or unavailable) and the others still run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from ._harness import time_once
+from .memory import MemoryProbe, RssTimeline
+from .methods import Method, MethodUnavailable, Workload, freeze_all_but_linear
+from .presets import PRESETS, build_model, model_config
+
+PRIMERS = {"opt": "opt-tiny", "llama": "llama-tiny"}
+
+
+@dataclass
+class RunConfig:
+    model: str
+    batch: int
+    seq: int
+    dtype: torch.dtype
+    device: str
+    steps: int
+    warmup: int
+    trainable: str = "all"
+    rounds: int = 1
+    profile_memory: bool = False
+    snapshot_dir: str | None = None
+    prime: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def make_workload(model_name: str, cfg: RunConfig, method: Method, batch: int, seq: int) -> Workload:
+    device = "cpu" if method.host_model else cfg.device
+    model = build_model(model_name, cfg.dtype, device)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(cfg.device)
+    if cfg.trainable == "linear":
+        freeze_all_but_linear(model)
+    return Workload(model, ids, cfg.device, cfg.trainable)
+
+
+def _prime(method: Method, cfg: RunConfig) -> None:
+    family = PRESETS[cfg.model].family if cfg.model in PRESETS else None
+    if family not in PRIMERS:
+        return
+    runner = method.setup(make_workload(PRIMERS[family], cfg, method, 2, 16))
+    runner.step()
+    runner.close()
+
+
+def _error_record(err: BaseException) -> dict:
+    if isinstance(err, MethodUnavailable):
+        return {"status": "unavailable", "error": str(err)}
+    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": tb[-4000:]}
+
+
+def run_method(name: str, method: Method, cfg: RunConfig, probe: MemoryProbe, bar: tqdm, primed: set,
+               timeline: RssTimeline | None = None) -> dict:
+    """Set up, time and measure one method once; never raises (a failure becomes the record)."""
+    record: dict = {"method": name, "label": method.label}
+    runner = workload = None
+
+    def phase(label: str) -> None:
+        if timeline is not None:
+            timeline.phase = f"{name}:{label}"
+
+    try:
+        if cfg.prime and not probe.cuda and name not in primed:
+            phase("prime")
+            _prime(method, cfg)
+            primed.add(name)
+        if cfg.profile_memory and probe.cuda:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+        probe.start()
+        phase("build")
+        workload = make_workload(cfg.model, cfg, method, cfg.batch, cfg.seq)
+        runner = method.setup(workload)
+        mem = {"build_peak": probe.peak(), "after_build": probe.current()}
+        times, losses = [], []
+        for i in range(cfg.warmup + cfg.steps):
+            if i <= 1:
+                probe.reset()
+            phase("first step" if i == 0 else "step")
+            out: list[float] = []
+            t = time_once(lambda out=out: out.append(runner.step()), cfg.device)
+            losses.append(out[0])
+            if i >= cfg.warmup:
+                times.append(t)
+            if i == 0:
+                mem["first_step_peak"], mem["after_first_step"] = probe.peak(), probe.current()
+            bar.update(1)
+        mem["steady_step_peak"] = probe.peak() if cfg.warmup + cfg.steps > 1 else mem["first_step_peak"]
+        mem["peak"] = max(mem["build_peak"], mem["first_step_peak"], mem["steady_step_peak"])
+        record.update(status="ok", step_times_s=times, losses=losses, memory_kind=probe.kind,
+                      memory_bytes=mem, baseline_bytes=probe.baseline, **probe.extra(), **runner.info)
+        if probe.note:
+            record["memory_note"] = probe.note
+        if cfg.profile_memory and probe.cuda and cfg.snapshot_dir:
+            path = f"{cfg.snapshot_dir}/{cfg.model}_{name}_snapshot.pickle"
+            torch.cuda.memory._dump_snapshot(path)
+            record["memory_snapshot"] = path
+        phase("close")
+        runner.close()
+    except Exception as err:  # a failing method is reported, the comparison goes on
+        record.update(_error_record(err))
+        if probe.cuda and isinstance(err, torch.cuda.OutOfMemoryError):
+            record["status"] = "out of memory"
+    finally:
+        if cfg.profile_memory and probe.cuda:
+            torch.cuda.memory._record_memory_history(enabled=None)
+        runner = workload = None  # free the model before the next method
+        probe.collect()
+        phase("idle")
+    return record
+
+
+def merge_rounds(records: list[dict], tokens_per_step: int) -> dict:
+    """One record per method: step times pooled over the rounds, memory of the round with the highest peak."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    if not ok:
+        return records[-1]
+    best = dict(max(ok, key=lambda r: r["memory_bytes"]["peak"]))
+    times = [t for r in ok for t in r["step_times_s"]]
+    best["step_times_s"] = times
+    best["median_step_s"] = statistics.median(times) if times else None
+    best["tokens_per_s"] = tokens_per_step / best["median_step_s"] if times else None
+    best["rounds"] = len(ok)
+    return best
+
+
+def run_comparison(methods: dict[str, Method], cfg: RunConfig, timeline: RssTimeline | None = None) -> list[dict]:
+    """Every method of ``methods`` on ``cfg.model``, in ``cfg.rounds`` interleaved rounds; one record each."""
+    model_config(cfg.model)  # fail early on an unknown preset or path
+    probe = MemoryProbe(cfg.device)
+    per_method: dict[str, list[dict]] = {name: [] for name in methods}
+    primed: set[str] = set()
+    total = cfg.rounds * len(methods) * (cfg.warmup + cfg.steps)
+    with tqdm(total=total, desc=cfg.model, unit="step", leave=False, disable=None) as bar:
+        for _ in range(cfg.rounds):
+            for name, method in methods.items():
+                bar.set_postfix_str(name)
+                rec = run_method(name, method, cfg, probe, bar, primed, timeline)
+                if rec["status"] != "ok":
+                    bar.update(cfg.warmup + cfg.steps)
+                per_method[name].append(rec)
+    return [merge_rounds(recs, cfg.batch * cfg.seq) for recs in per_method.values()]

@@ -1,0 +1,142 @@
+"""The ``zo`` comparison: first-order anchors, textbook MeZO and zo2 (plain, offloaded, offloaded with AMP).
+
+- ``adamw``, ``sgd``: forward, backward, optimizer step. AdamW is what fine-tuning usually costs
+  (weights, gradients, two moments, activations); SGD without momentum is the cheapest first-order step.
+- ``mezo``: MeZO's step as its trainer writes it (four passes over the parameters, ``torch.normal`` from a
+  reset seed, a fresh tensor per pass).
+- ``zo2``: ``zo2.ZOSGD`` (three fused passes, noise generated inside the kernel, never stored).
+- ``zo2-offload``, ``zo2-offload-amp``: the same step with the transformer blocks streamed through the
+  device by ``zo2.offload`` (AMP: blocks computed in bf16, or fp16 on GPUs without bf16).
+- ``forward``: two forward passes, the floor of any two-point zeroth-order step (not in the default set).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+import zo2
+
+from .methods import Method, MethodUnavailable, Runner, Workload, lm_loss
+
+LR, EPS = 1e-7, 1e-3
+
+
+def _closure(w: Workload):
+    def closure() -> torch.Tensor:
+        return lm_loss(w.model(input_ids=w.ids).logits, w.ids)
+
+    return closure
+
+
+def _first_order(make_opt) -> callable:
+    def setup(w: Workload) -> Runner:
+        w.model.train()
+        opt = make_opt(w.params)
+        closure = _closure(w)
+
+        def step() -> float:
+            loss = closure()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        return Runner(step)
+
+    return setup
+
+
+def textbook_mezo_step(params: list[torch.Tensor], closure, lr: float, eps: float, weight_decay: float) -> float:
+    """MeZO's reference step: four passes over the parameters, z redrawn by torch.normal from a reset seed."""
+    seed = random.randint(0, 2**31 - 1)
+
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            p.data = p.data + scale * z * eps
+
+    with torch.no_grad():
+        perturb(1)
+        loss_plus = closure()
+        perturb(-2)
+        loss_minus = closure()
+        perturb(1)
+        g = float(loss_plus - loss_minus) / (2 * eps)
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            p.data = p.data - lr * (g * z + weight_decay * p.data)
+    return float(loss_plus)
+
+
+def _mezo(w: Workload) -> Runner:
+    w.model.eval()
+    params, closure = w.params, _closure(w)
+    return Runner(lambda: textbook_mezo_step(params, closure, LR, EPS, 0.0))
+
+
+def _zo2(w: Workload) -> Runner:
+    w.model.eval()
+    opt = zo2.ZOSGD(w.params, lr=LR, eps=EPS, seed=0)
+    closure = _closure(w)
+    return Runner(lambda: float(opt.step(closure)))
+
+
+def _forward(w: Workload) -> Runner:
+    w.model.eval()
+    closure = _closure(w)
+
+    def step() -> float:
+        with torch.no_grad():
+            loss = closure()
+            closure()
+        return loss.item()
+
+    return Runner(step)
+
+
+def amp_mode(device: str) -> str:
+    """The AMP dtype the offload engine computes in: bf16, or fp16 on a GPU without bf16."""
+    if device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16"
+
+
+def plan_fields(plan) -> dict:
+    """The offload engine's plan as a JSON-able dict (its int fields and its printed form)."""
+    names = ("resident_bytes", "ring_bytes", "host_bytes", "num_blocks", "ring_slots", "block_bytes")
+    return {**{n: getattr(plan, n, None) for n in names}, "text": str(plan)}
+
+
+def _offload(amp: bool):
+    def setup(w: Workload) -> Runner:
+        if not hasattr(zo2, "offload"):
+            raise MethodUnavailable("zo2.offload is not in this build of memtrain: install a version with the "
+                                    "offload engine to run the offload methods")
+        w.model.eval()
+        opt = zo2.ZOSGD(w.params, lr=LR, eps=EPS, seed=0)
+        engine = zo2.offload(w.model, opt, device=w.device, amp=amp_mode(w.device) if amp else None)
+        closure = _closure(w)
+
+        def close() -> None:
+            opt.flush()
+            engine.detach()
+
+        return Runner(lambda: float(opt.step(closure)), close, {"offload_plan": plan_fields(engine.plan)})
+
+    return setup
+
+
+ZO_METHODS: dict[str, Method] = {
+    "adamw": Method(_first_order(lambda ps: torch.optim.AdamW(ps, lr=1e-5)), "AdamW (first order)"),
+    "sgd": Method(_first_order(lambda ps: torch.optim.SGD(ps, lr=1e-5)), "SGD (first order)"),
+    "mezo": Method(_mezo, "textbook MeZO"),
+    "zo2": Method(_zo2, "zo2.ZOSGD"),
+    "zo2-offload": Method(_offload(False), "zo2 + offload", host_model=True),
+    "zo2-offload-amp": Method(_offload(True), "zo2 + offload + AMP", host_model=True),
+    "forward": Method(_forward, "two forward passes"),
+}
+DEFAULT_ZO = ["adamw", "sgd", "mezo", "zo2", "zo2-offload", "zo2-offload-amp"]
