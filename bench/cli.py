@@ -112,7 +112,8 @@ def run_measure(args: argparse.Namespace, out: pathlib.Path) -> dict:
             for rec in run_comparison(methods, cfg, timeline):
                 rec["model"], rec["n_params"], rec["n_trainable"] = model, shape.params, shape.trainable
                 try:
-                    rec["plan"] = plan_method(rec["method"], shape, args.batch, args.seq, dtype).as_json()
+                    rec["plan"] = plan_method(rec["method"], shape, args.batch, args.seq, dtype,
+                                              device=args.device).as_json()
                 except ValueError:
                     rec["plan"] = None
                 if rec["status"] == "ok":

@@ -110,9 +110,10 @@ def _forward_peak(s: Shape, tokens: int) -> int:
 
 
 def plan_method(method: str, s: Shape, batch: int, seq: int, dtype: torch.dtype = torch.float32,
-                ring_slots: int = 2, amp_bytes: int = 2) -> Plan:
+                ring_slots: int = 2, amp_bytes: int = 2, device: str = "cuda") -> Plan:
     """The memory plan of ``method`` ('adamw', 'sgd', 'mezo', 'zo2', 'forward', 'zo2-offload',
-    'zo2-offload-amp', 'nondp', 'flashdp', 'opacus', 'opacus-ghost')."""
+    'zo2-offload-amp', 'nondp', 'flashdp', 'opacus', 'opacus-ghost') on ``device``. With offloading to
+    the CPU, the host store (the blocks, and their low-precision copy under AMP) is in the same memory."""
     b = DTYPE_BYTES[dtype]
     n = batch * seq
     weights = (s.params + s.buffers) * b
@@ -132,6 +133,8 @@ def plan_method(method: str, s: Shape, batch: int, seq: int, dtype: torch.dtype 
         c["offload ring"] = ring_slots * s.block * cb
         c["activations (one block, both halves)"] = 2 * n * s.hidden * 4 * cb
         c["logits"] = 3 * n * s.vocab * cb
+        if device.startswith("cpu"):
+            c["host store (blocks)"] = s.in_blocks * (b + (cb if method.endswith("amp") else 0))
     elif method in ("adamw", "sgd", "nondp", "flashdp", "opacus", "opacus-ghost"):
         c["weights"] = weights
         c["activations"] = saved_activations(s, n) * b

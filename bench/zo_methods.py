@@ -18,7 +18,7 @@ import torch
 
 import zo2
 
-from .methods import Method, MethodUnavailable, Runner, Workload, lm_loss
+from .methods import Method, Runner, Workload, lm_loss
 
 LR, EPS = 1e-7, 1e-3
 
@@ -108,17 +108,14 @@ def amp_mode(device: str) -> str:
 def plan_fields(plan) -> dict:
     """The offload engine's plan as a JSON-able dict (its int fields and its printed form)."""
     names = ("resident_bytes", "ring_bytes", "host_bytes", "num_blocks", "ring_slots", "block_bytes")
-    return {**{n: getattr(plan, n, None) for n in names}, "text": str(plan)}
+    return {**{n: getattr(plan, n) for n in names}, "text": str(plan)}
 
 
 def _offload(amp: bool):
     def setup(w: Workload) -> Runner:
-        if not hasattr(zo2, "offload"):
-            raise MethodUnavailable("zo2.offload is not in this build of memtrain: install a version with the "
-                                    "offload engine to run the offload methods")
         w.model.eval()
         opt = zo2.ZOSGD(w.params, lr=LR, eps=EPS, seed=0)
-        engine = zo2.offload(w.model, opt, device=w.device, amp=amp_mode(w.device) if amp else None)
+        engine = zo2.offload(w.model, opt, device=w.device, amp=amp_mode(w.device) if amp else None, verbose=False)
         closure = _closure(w)
 
         def close() -> None:

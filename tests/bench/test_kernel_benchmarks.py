@@ -71,7 +71,6 @@ def test_dp_clip_once(benchmark, device, layer):
     _bench(benchmark, lambda: dp_clip_once_(G, X, gw, gb, 1.0, float(B)), device)
 
 
-@pytest.mark.skipif(not hasattr(zo2, "offload"), reason="zo2.offload is not in this build")
 def test_offload_ring_step(benchmark, device):
     """One offloaded ZO step of a small OPT: the transfer ring's cost over the forward passes."""
     from memtrain.bench.presets import build_model

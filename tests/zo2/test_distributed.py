@@ -89,7 +89,6 @@ def test_ranks_with_different_seeds_are_refused(tmp_path):
         assert "error" in r and "seed" in r["error"] and "same ZOSGD(seed=" in r["error"]
 
 
-@pytest.mark.skipif(not hasattr(zo2, "offload"), reason="zo2.offload (the offload engine) is not in this build")
 def test_two_ranks_with_offload_match_one_process(tmp_path):
     check_matches_single(tmp_path, "offload")
 

@@ -112,7 +112,6 @@ def test_refuses_gradient_clipping(tmp_path, make_opt):
                   data_collator=default_data_collator)
 
 
-@pytest.mark.skipif(not hasattr(zo2, "offload"), reason="zo2.offload (the offload engine) is not in this build")
 def test_zotrainer_with_offload_matches_plain(tmp_path, make_opt):
     plain = make_opt()
     ZOTrainer(model=plain, args=zo_args(tmp_path / "a"), train_dataset=dataset(),
