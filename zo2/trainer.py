@@ -173,12 +173,9 @@ class ZOTrainer(Trainer):
             zo.process_group = True
         offload = self.zo_options["offload"]
         if offload is not None and getattr(zo, "offload_engine", None) is None:
-            import zo2
+            from zo2.offload import offload as attach_offload
 
-            if not hasattr(zo2, "offload"):
-                raise RuntimeError("ZOTrainer: zo_offload was given but this zo2 has no offload engine "
-                                   "(zo2.offload); upgrade memtrain or set zo_offload=None")
-            zo2.offload(self.model, zo, **offload)
+            attach_offload(self.model, zo, **offload)
         return ZOStepAdapter(zo)
 
     # --------------------------------------------------------------------------------- Trainer hooks
