@@ -1,18 +1,28 @@
 """Zeroth-order fine-tuning of an OPT on a small sentiment task, with zo2.ZOTrainer (forward passes only).
 
 The data are generated here (review sentences built from word lists, labelled by the sentiment of
-their adjective), so the example needs no download: the model is an OPT built from a config with random
-initialisation and a word-level vocabulary. The task is posed as MeZO does: the prompt
-"<review> It was" is followed by the label word "great" or "terrible", and only that word is scored.
+their adjective), so the example needs no download. The task is posed as MeZO does: the prompt
+"<review> It was" is followed by the label word "great" or "terrible", and the loss is the cross-entropy
+over those two words' logits at the answer position.
 
-CPU, a few minutes (tiny model):
+Zeroth-order fine-tuning needs a model whose features already separate the classes (MeZO starts from a
+pretrained checkpoint). On CPU the example builds a tiny OPT (word-level vocabulary, random init) and
+stands in for the checkpoint with a short first-order stage: AdamW language modelling on generated
+two-sentence texts ("the plot was truly gripping . i loved it .", "the film is quite dull . It seemed awful .").
+That corpus pairs the adjectives with other sentiment words but never contains the label words or the
+prompt; the label words' output rows are then set to the mean row of the head (new tokens), so both
+score the same and the accuracy before the ZO stage is chance. The ZO stage learns the label mapping.
+
+CPU, 20 s on an idle 2-core machine, about 3 minutes when other jobs share it (400 AdamW steps, then
+300 ZO steps over every weight):
 
     python examples/zo_opt_classification.py --steps 300
 
-What to expect: from a random start, the loss drops within a few hundred steps as the model learns to
-answer with one of the two label words, but accuracy stays near chance on CPU in minutes. Zeroth-order
-fine-tuning relies on a pretrained model whose features already separate the classes (MeZO's setting);
-the tiny random model shows the pipeline (ZOTrainer, schedule, logging, evaluation), not the accuracy.
+What to expect (200 held-out reviews): pretraining LM loss 3.83 -> 0.82; accuracy before the ZO stage
+0.500 (the label words tie); ZO training loss 0.49 over the first 30 steps, 0.036 over the last 30;
+accuracy after 300 ZO steps 1.000. Without the first-order stage (--pretrain-steps 0) the ZO loss stays
+at 0.69 and the accuracy at 0.500. --train head (the LM head and the final layer norm only, lr 5e-3)
+also reaches 1.000. The ZO stage itself runs at about 100 steps/s on an idle 2-core CPU.
 
 A GPU with a real checkpoint (the weights are downloaded by transformers; MeZO's SST-2 settings), with
 the blocks streamed through the GPU by the offload engine:
@@ -25,9 +35,11 @@ from __future__ import annotations
 
 import argparse
 import random
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 from transformers import OPTConfig, OPTForCausalLM
 
 import zo2
@@ -38,6 +50,9 @@ NEGATIVE = ["dull", "clumsy", "tedious", "awful", "boring", "shallow", "painful"
 SUBJECTS = ["the film", "this movie", "the acting", "the plot", "the ending", "the soundtrack", "the script"]
 FILLERS = ["honestly", "overall", "really", "truly", "frankly", "quite"]
 LABEL_WORDS = ["terrible", "great"]  # label 0, label 1
+# Pretraining follow-ups: a second sentence whose words agree with the review's sentiment ({} = an adjective).
+FOLLOW_UPS = [("i loved it .", "i hated it ."), ("we would recommend it .", "we would avoid it ."),
+              ("It seemed {} .", "It seemed {} ."), ("it felt {} .", "it felt {} .")]
 
 
 class Vocab:
@@ -45,6 +60,7 @@ class Vocab:
 
     def __init__(self) -> None:
         words = {w for lst in (POSITIVE, NEGATIVE, FILLERS, LABEL_WORDS) for w in lst}
+        words |= {w for pair in FOLLOW_UPS for s in pair for w in s.replace("{}", "").split()}
         words |= {w for s in SUBJECTS for w in s.split()} | {"was", "is", "it", "It", "."}
         self.itos = ["<pad>", "</s>", *sorted(words)]
         self.stoi = {w: i for i, w in enumerate(self.itos)}
@@ -80,6 +96,57 @@ class Reviews(Dataset):
                 "labels": labels}
 
 
+def pretraining_corpus(vocab: Vocab, n: int, seed: int) -> torch.Tensor:
+    """n generated two-sentence texts whose second sentence agrees with the first one's sentiment.
+
+    This stands in for the text a real checkpoint was pretrained on: it teaches which words go together
+    (positive adjectives with "loved", "recommend" and other positive adjectives), but it never contains
+    the label words, so the prompt's answer "great"/"terrible" is not learned here.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        adjectives = POSITIVE if label else NEGATIVE
+        follow = rng.choice(FOLLOW_UPS)[1 - label].format(rng.choice(adjectives))
+        text = f"{rng.choice(SUBJECTS)} {rng.choice(['was', 'is'])} {rng.choice(FILLERS)} {rng.choice(adjectives)} ."
+        rows.append([*vocab.encode(f"{text} {follow}"), 1])
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows])  # right padding, 0 = <pad>
+
+
+def pretrain(model: OPTForCausalLM, corpus: torch.Tensor, steps: int, batch_size: int, lr: float,
+             seed: int) -> None:
+    """First-order language modelling (AdamW, backward passes) on the corpus: a stand-in for a checkpoint."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    for step in tqdm(range(steps), desc="pretraining (AdamW, language modelling)"):
+        ids = corpus[torch.randint(len(corpus), (batch_size,), generator=gen)]
+        mask = (ids != 0).long()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 0 or step + 1 == steps:
+            tqdm.write(f"pretraining step {step + 1}: LM loss {loss.item():.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def add_label_words(model: OPTForCausalLM, label_ids: list[int]) -> None:
+    """Give the label words fresh output rows, both the mean row of the head (so they score the same).
+
+    This is what adding new tokens to a pretrained vocabulary does. The pretraining corpus never uses
+    the label words, but the optimizer still moved their rows (Adam turns the tiny softmax push on unused
+    rows into full-size steps), enough to answer the prompt by accident; resetting them makes the ZO
+    stage start from chance and learn the label mapping itself.
+    """
+    head = model.get_output_embeddings().weight
+    others = [i for i in range(head.shape[0]) if i not in label_ids]
+    head[label_ids] = head[others].mean(0)
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, data: Reviews, vocab: Vocab, device: str) -> float:
     """Share of reviews whose label word scores higher than the other one at the answer position."""
@@ -90,6 +157,23 @@ def accuracy(model: torch.nn.Module, data: Reviews, vocab: Vocab, device: str) -
     return (logits.argmax(-1) == truth).float().mean().item()
 
 
+class PromptZOTrainer(ZOTrainer):
+    """ZOTrainer with MeZO's classification loss: cross-entropy over the label words' logits only."""
+
+    def __init__(self, *args: Any, label_ids: list[int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.label_ids = label_ids
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        words = torch.tensor(self.label_ids, device=inputs["input_ids"].device)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        logits = outputs.logits[:, -2, words].float()  # the position that predicts the label word
+        target = (inputs["labels"][:, -1].unsqueeze(1) == words).float().argmax(1)
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        return (loss, outputs) if return_outputs else loss
+
+
 def build_model(name: str, vocab: Vocab, hidden: int, layers: int) -> OPTForCausalLM:
     if name != "tiny":
         raise SystemExit("with a pretrained --model use its own tokenizer: adapt Vocab to "
@@ -97,7 +181,7 @@ def build_model(name: str, vocab: Vocab, hidden: int, layers: int) -> OPTForCaus
     config = OPTConfig(vocab_size=len(vocab.itos), hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
                        num_attention_heads=max(1, hidden // 16), max_position_embeddings=64,
                        word_embed_proj_dim=hidden, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=1)
+                       pad_token_id=0, bos_token_id=1, eos_token_id=1, tie_word_embeddings=False)
     return OPTForCausalLM(config)
 
 
@@ -106,17 +190,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--pretrain-steps", type=int, default=400,
+                   help="AdamW language-modelling steps before the ZO stage (the stand-in for a checkpoint; "
+                        "0 skips it)")
+    p.add_argument("--pretrain-lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=300, help="ZO steps")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--train-size", type=int, default=512)
     p.add_argument("--device", default="cpu")
     p.add_argument("--offload", action="store_true", help="stream blocks with zo2.offload")
-    p.add_argument("--train", choices=["all", "head"], default="head",
-                   help="'head': only the (tied) token embeddings / LM head and the final layer norm, which ZO "
-                        "moves in few steps from a random start; 'all': every weight (what MeZO does from a "
-                        "pretrained checkpoint)")
+    p.add_argument("--train", choices=["all", "head"], default="all",
+                   help="'all': every weight (what MeZO does); 'head': only the LM head (the token embeddings "
+                        "where they are tied) and the final layer norm")
     p.add_argument("--output-dir", default="zo_opt_out")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -125,10 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     vocab = Vocab()
     train, test = Reviews(vocab, args.train_size, args.seed), Reviews(vocab, 200, args.seed + 1)
     model = build_model(args.model, vocab, args.hidden, args.layers).eval()
+    if args.pretrain_steps:
+        corpus = pretraining_corpus(vocab, 4 * args.train_size, args.seed + 2)
+        pretrain(model, corpus, args.pretrain_steps, 32, args.pretrain_lr, args.seed)
+    add_label_words(model, [vocab.stoi[w] for w in LABEL_WORDS])
     if args.train == "head":
+        head = model.get_output_embeddings().weight  # the token embeddings where they are tied to the head
         for name, param in model.named_parameters():
-            param.requires_grad_("embed_tokens" in name or "decoder.final_layer_norm" in name)
-    print(f"accuracy before: {accuracy(model, test, vocab, 'cpu'):.3f}")
+            param.requires_grad_(param is head or "decoder.final_layer_norm" in name)
+    print(f"accuracy before the ZO stage: {accuracy(model, test, vocab, 'cpu'):.3f}")
     offload = {"device": args.device} if args.offload else None
     if offload is not None and not hasattr(zo2, "offload"):
         raise SystemExit("--offload needs zo2.offload (the offload engine), which this build lacks")
@@ -137,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
                                 learning_rate=args.lr, zo_eps=args.eps, lr_scheduler_type="constant",
                                 logging_steps=max(1, args.steps // 10), save_strategy="no", report_to=[],
                                 seed=args.seed, use_cpu=args.device == "cpu", zo_offload=offload)
-    trainer = ZOTrainer(model=model, args=targs, train_dataset=train)
+    trainer = PromptZOTrainer(model=model, args=targs, train_dataset=train,
+                              label_ids=[vocab.stoi[w] for w in LABEL_WORDS])
     trainer.train()  # tqdm progress bar from the Trainer
     trainer.zo.flush()
     device = "cpu" if args.offload else args.device

@@ -20,8 +20,8 @@ def run_example(name: str, *args: str, tmp_path: pathlib.Path) -> str:
 
 
 def test_zo_opt_classification_example(tmp_path):
-    out = run_example("zo_opt_classification.py", "--steps", "3", "--hidden", "16", "--train-size", "32",
-                      "--batch-size", "4", tmp_path=tmp_path)
+    out = run_example("zo_opt_classification.py", "--steps", "3", "--pretrain-steps", "3", "--hidden", "16",
+                      "--train-size", "32", "--batch-size", "4", tmp_path=tmp_path)
     assert "accuracy before" in out and "accuracy after 3 ZO steps" in out
 
 
