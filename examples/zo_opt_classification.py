@@ -24,11 +24,12 @@ accuracy after 300 ZO steps 1.000. Without the first-order stage (--pretrain-ste
 at 0.69 and the accuracy at 0.500. --train head (the LM head and the final layer norm only, lr 5e-3)
 also reaches 1.000. The ZO stage itself runs at about 100 steps/s on an idle 2-core CPU.
 
-A GPU with a real checkpoint (the weights are downloaded by transformers; MeZO's SST-2 settings), with
-the blocks streamed through the GPU by the offload engine:
+A GPU with a real checkpoint (weights and tokenizer loaded by transformers; MeZO's SST-2 settings; the
+pretraining stand-in is skipped and the label words are the checkpoint's own tokens), with the blocks
+streamed through the GPU by the offload engine and computed in bf16 from an fp32 host master:
 
     python examples/zo_opt_classification.py --model facebook/opt-13b --steps 20000 --batch-size 16 \\
-        --lr 1e-7 --eps 1e-3 --device cuda --offload
+        --lr 1e-7 --eps 1e-3 --device cuda --offload --amp bf16
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import OPTConfig, OPTForCausalLM
 
-import zo2
 from zo2.trainer import ZOTrainer, ZOTrainingArguments
 
 POSITIVE = ["wonderful", "moving", "brilliant", "delightful", "superb", "charming", "gripping"]
@@ -67,6 +67,25 @@ class Vocab:
 
     def encode(self, text: str) -> list[int]:
         return [1] + [self.stoi[w] for w in text.replace(".", " .").split()]
+
+
+class CheckpointVocab:
+    """A pretrained checkpoint's own tokenizer behind Vocab's interface (``encode`` and ``stoi``)."""
+
+    def __init__(self, name: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        self.stoi: dict[str, int] = {}
+        for word in LABEL_WORDS:
+            ids = self.tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise SystemExit(f"the label word {word!r} is {len(ids)} tokens for {name}'s tokenizer; "
+                                 "choose LABEL_WORDS that are single tokens")
+            self.stoi[word] = ids[0]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
 
 
 class Reviews(Dataset):
@@ -174,10 +193,13 @@ class PromptZOTrainer(ZOTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def build_model(name: str, vocab: Vocab, hidden: int, layers: int) -> OPTForCausalLM:
+def build_model(name: str, vocab: Vocab, hidden: int, layers: int) -> torch.nn.Module:
+    """The tiny random-init OPT over the word vocabulary, or a pretrained checkpoint (float32, on the CPU:
+    the Trainer or the offload engine places it)."""
     if name != "tiny":
-        raise SystemExit("with a pretrained --model use its own tokenizer: adapt Vocab to "
-                         "AutoTokenizer.from_pretrained(name) and load OPTForCausalLM.from_pretrained(name)")
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.float32)
     config = OPTConfig(vocab_size=len(vocab.itos), hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
                        num_attention_heads=max(1, hidden // 16), max_position_embeddings=64,
                        word_embed_proj_dim=hidden, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
@@ -201,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-size", type=int, default=512)
     p.add_argument("--device", default="cpu")
     p.add_argument("--offload", action="store_true", help="stream blocks with zo2.offload")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                   help="with --offload: fp32 master on the host, blocks computed in bf16/fp16")
     p.add_argument("--train", choices=["all", "head"], default="all",
                    help="'all': every weight (what MeZO does); 'head': only the LM head (the token embeddings "
                         "where they are tied) and the final layer norm")
@@ -209,21 +233,22 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    vocab = Vocab()
+    tiny = args.model == "tiny"
+    vocab = Vocab() if tiny else CheckpointVocab(args.model)
     train, test = Reviews(vocab, args.train_size, args.seed), Reviews(vocab, 200, args.seed + 1)
     model = build_model(args.model, vocab, args.hidden, args.layers).eval()
-    if args.pretrain_steps:
-        corpus = pretraining_corpus(vocab, 4 * args.train_size, args.seed + 2)
-        pretrain(model, corpus, args.pretrain_steps, 32, args.pretrain_lr, args.seed)
-    add_label_words(model, [vocab.stoi[w] for w in LABEL_WORDS])
+    if tiny:  # a checkpoint is pretrained already and knows its label words
+        if args.pretrain_steps:
+            corpus = pretraining_corpus(vocab, 4 * args.train_size, args.seed + 2)
+            pretrain(model, corpus, args.pretrain_steps, 32, args.pretrain_lr, args.seed)
+        add_label_words(model, [vocab.stoi[w] for w in LABEL_WORDS])
     if args.train == "head":
         head = model.get_output_embeddings().weight  # the token embeddings where they are tied to the head
         for name, param in model.named_parameters():
             param.requires_grad_(param is head or "decoder.final_layer_norm" in name)
-    print(f"accuracy before the ZO stage: {accuracy(model, test, vocab, 'cpu'):.3f}")
-    offload = {"device": args.device} if args.offload else None
-    if offload is not None and not hasattr(zo2, "offload"):
-        raise SystemExit("--offload needs zo2.offload (the offload engine), which this build lacks")
+    if tiny or args.device == "cpu":
+        print(f"accuracy before the ZO stage: {accuracy(model, test, vocab, 'cpu'):.3f}")
+    offload = {"device": args.device, "amp": args.amp} if args.offload else None
     targs = ZOTrainingArguments(output_dir=args.output_dir, max_steps=args.steps,
                                 per_device_train_batch_size=args.batch_size,
                                 learning_rate=args.lr, zo_eps=args.eps, lr_scheduler_type="constant",
@@ -233,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                               label_ids=[vocab.stoi[w] for w in LABEL_WORDS])
     trainer.train()  # tqdm progress bar from the Trainer
     trainer.zo.flush()
-    device = "cpu" if args.offload else args.device
+    device = args.device  # offloaded or not, the embeddings and the head are on args.device
     print(f"accuracy after {args.steps} ZO steps: {accuracy(model, test, vocab, device):.3f}")
 
 
