@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memtrain.kernels.zo_perturb import zo_perturb_
+from zo2.noise import apply_pass
 
 
 @dataclass
@@ -92,8 +92,5 @@ def move(targets: list[Target], state: NoiseState, record: StepRecord | None, ta
          dist: str) -> NoiseState:
     """Apply the pass from ``state`` to ``target`` to every tensor; returns the new state."""
     for t in targets:
-        seeds, coefs, decay = transition(state, record, target, t.group)
-        live = [(s, a) for s, a in zip(seeds, coefs, strict=True) if a != 0.0]
-        if live or decay != 0.0:
-            zo_perturb_(t.tensor, [s for s, _ in live], [a for _, a in live], t.stream, decay, dist)
+        apply_pass(t.tensor, t.stream, *transition(state, record, target, t.group), dist)
     return NoiseState(record, dict(target)) if record is not None else NoiseState()

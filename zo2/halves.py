@@ -16,6 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -163,15 +164,13 @@ class HalfWorkers:
         self._inboxes.clear()
 
 
-def thread_state_context() -> Callable[[], object]:
+def thread_state_context() -> Callable[[], ExitStack]:
     """A factory of context managers that reproduce this thread's grad-free, autocast and CUDA stream
     state in a worker thread (torch keeps them per thread)."""
     autocast = [(dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)]
     stream = torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
-    def make() -> object:
-        from contextlib import ExitStack
-
+    def make() -> ExitStack:
         stack = ExitStack()
         stack.enter_context(torch.no_grad())
         for dev, dtype in autocast:

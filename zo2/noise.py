@@ -52,9 +52,14 @@ def apply_terms(
     term and no decay is not touched.
     """
     for target in targets:
-        coefs = coef_fn(target.group)
         c = decay_fn(target.group) if decay_fn is not None else 0.0
-        live = [(s, a) for s, a in zip(seeds, coefs, strict=True) if a != 0.0]
-        if not live and c == 0.0:
-            continue
-        zo_perturb_(target.tensor, [s for s, _ in live], [a for _, a in live], target.stream, c, dist)
+        apply_pass(target.tensor, target.stream, seeds, coef_fn(target.group), c, dist)
+
+
+def apply_pass(tensor: torch.Tensor, stream: int, seeds: Sequence[int], coefs: Sequence[float], decay: float,
+               dist: str) -> None:
+    """``tensor <- tensor + Σ_j coefs[j] · z(seeds[j]) + decay · tensor`` in one fused pass; terms with a
+    zero coefficient are dropped, and a pass with no term and no decay does not touch the tensor."""
+    live = [(s, a) for s, a in zip(seeds, coefs, strict=True) if a != 0.0]
+    if live or decay != 0.0:
+        zo_perturb_(tensor, [s for s, _ in live], [a for _, a in live], stream, decay, dist)

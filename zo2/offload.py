@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +38,10 @@ from torch import nn
 from zo2.blocks import check_block_ownership, find_blocks, resident_modules, tensors_bytes
 from zo2.checks import dropout_error, loss_value, record_active_dropout
 from zo2.deferred import NoiseState, StepRecord, Target, move
-from zo2.distributed import average_losses
 from zo2.halves import HalfAborted, HalfScheduler, HalfWorkers, thread_state_context
-from zo2.optimizer import ZOSGD, NonFiniteLossWarning
+from zo2.optimizer import ZOSGD
 from zo2.plan import OffloadPlan, check_fits
-from zo2.ring import BlockStore, Ring
+from zo2.ring import BlockStore, Ring, wire_layout
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -135,18 +134,16 @@ class OffloadEngine:
 
     def _make_plan(self) -> OffloadPlan:
         wire_size = self.amp_dtype.itemsize if self.amp_dtype else None
-        block_bytes = []
-        for block in self.blocks:
-            ps = list(dict.fromkeys(block.parameters()))
-            block_bytes.append(sum(p.numel() * (wire_size if wire_size and p.is_floating_point() else p.element_size())
-                                   for p in ps) + 256 * len(ps))
+        block_bytes = [wire_layout(list(block.parameters()), self.amp_dtype).nbytes for block in self.blocks]
         residents = [p for p in self.model.parameters() if id(p) not in self._block_param_ids]
         resident = sum(p.numel() * (wire_size or p.element_size()) for p in residents)
         if self.amp_dtype is not None:  # fp32 masters of the trainable resident parameters
             resident += sum(r.param.numel() * 4 for r in self.resident_params.values())
         resident += tensors_bytes(list(self.model.buffers()))
-        host = sum(block_bytes) if self.amp_dtype is None else sum(
-            p.numel() * p.element_size() for b in self.blocks for p in b.parameters()) + sum(block_bytes)
+        # the host store: each block's master, and under AMP its low-precision wire copy beside it
+        host = sum(wire_layout(list(b.parameters()), None).nbytes for b in self.blocks)
+        if self.amp_dtype is not None:
+            host += sum(block_bytes)
         config = getattr(self.model, "config", None)
         slots = self.prefetch + 1
         return OffloadPlan(
@@ -223,14 +220,11 @@ class OffloadEngine:
         return {self.record.seeds[half // 2]: 1.0 if half % 2 == 0 else -1.0}
 
     def step(self, closure) -> torch.Tensor:
-        """One offloaded zeroth-order step; same contract as :meth:`zo2.ZOSGD.step`."""
+        """One offloaded zeroth-order step, called by :meth:`zo2.ZOSGD.step` (which checks the closure and
+        the hyperparameters); same contract."""
         opt = self.opt
-        if closure is None or not callable(closure):
-            raise TypeError("ZOSGD.step needs a closure that runs the forward pass and returns the loss, "
-                            "e.g. opt.step(lambda: model(**batch).loss)")
         if self.in_step:
             raise RuntimeError("zo2.offload: opt.step was called from inside a closure of the running step")
-        opt._check_groups()
         seeds = opt.seeds_for_step(opt.step_count)
         self.record = StepRecord(opt.step_count, seeds,
                                  [(g["lr"], g["eps"], g["weight_decay"]) for g in opt.param_groups])
@@ -247,10 +241,7 @@ class OffloadEngine:
                 with make_ctx():
                     return scheduler.run_half(half, closure)
 
-            if opt.check_dropout:
-                with record_active_dropout(found):
-                    results = self.workers.run([lambda h=h: job(h) for h in range(num_halves)], scheduler.abort)
-            else:
+            with record_active_dropout(found) if opt.check_dropout else nullcontext():
                 results = self.workers.run([lambda h=h: job(h) for h in range(num_halves)], scheduler.abort)
             errors = [v for ok, v in results if not ok and not isinstance(v, HalfAborted)]
             if errors:
@@ -268,38 +259,24 @@ class OffloadEngine:
         return self._finish_step(losses)
 
     def _finish_step(self, losses: list[float]) -> torch.Tensor:
+        """Record the step's losses; its update (or, for a non-finite loss, its restore) is deferred."""
         opt, record = self.opt, self.record
         assert record is not None
-        if getattr(opt, "process_group", None) is not None:
-            losses = average_losses(losses, None if opt.process_group is True else opt.process_group)
+        losses = opt.reduce_losses(losses)
         plus, minus = losses[0::2], losses[1::2]
-        if not all(math.isfinite(v) for v in losses):
-            record.skipped = True
-            opt.skipped_steps += 1
-            opt.projected_grad = float("nan")
-            opt.projected_grads = []
-            bad = next(v for v in losses if not math.isfinite(v))
-            warnings.warn(f"ZOSGD: step {record.step} saw a non-finite loss ({bad}); the update was skipped and the "
-                          f"parameters restored ({opt.skipped_steps} skipped so far). Check the data and the "
-                          "model's numerics (a lower eps or fp32 may help)", NonFiniteLossWarning, stacklevel=3)
-        else:
-            record.diffs = [(p - m) / 2.0 for p, m in zip(plus, minus, strict=True)]
-            eps0 = opt.param_groups[0]["eps"]
-            opt.projected_grads = [d / eps0 for d in record.diffs]
-            opt.projected_grad = sum(opt.projected_grads) / len(plus)
-        opt.step_count += 1
-        return torch.tensor(sum(plus) / len(plus))
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            record.skipped = True  # the parameters are restored by the next pass over each tensor
+            return opt._skip(lambda: None, "L+" if bad % 2 == 0 else "L-", losses[bad], plus)
+        record.diffs = [(p - m) / 2.0 for p, m in zip(plus, minus, strict=True)]
+        return opt._record_step(record.diffs, plus)
 
     def _begin_step(self) -> None:
         if self.amp_dtype is not None:
             for r in self.resident_params.values():
                 self._move([Target(r.master, r.stream, r.group)], r.master_state, None, {})
                 r.master_state = NoiseState(self.record, {})  # this step's update is due on the master
-                r.lowp.copy_(r.master)
-                r.param.data = r.lowp
-                r.state = NoiseState()
-            for p, _, lowp in self._resident_frozen_lowp.values():
-                p.data = lowp
+            self._use_low_precision_residents()
         self.next_upload = 0
         if self._host_pool is not None:
             self._prepared = {b: self._host_pool.submit(self._prepare_master, b) for b in range(len(self.blocks))}
@@ -342,34 +319,33 @@ class OffloadEngine:
             self._log("prepare", b)
         self.stores[b].fill_wire()
 
+    def _current_half(self) -> int | None:
+        """The half this thread runs in the current step, or None outside one (the model is observed)."""
+        return None if self.scheduler is None else self.scheduler.current_half
+
     def _before_block(self, b: int) -> None:
-        scheduler = self.scheduler
-        half = scheduler.current_half if scheduler is not None else None
+        half = self._current_half()
         if half is None:
             self._observe_block(b)
             return
-        scheduler.enter_block(b)
+        self.scheduler.enter_block(b)
         slot = self.resident_slot.get(b)
         if slot is None:
             raise RuntimeError(f"zo2.offload: block {b} is not resident when half {half} enters it (ring of "
                                f"{self.ring.slots} slots); this is a scheduling bug")
         self.ring.wait_uploaded(slot)
-        if self.amp_dtype is None:
-            self.block_state[b] = self._move(self._block_targets(b), self.block_state[b], self.record,
-                                             self._half_target(half))
-        else:
-            self.device_state[b] = self._move(self._block_targets(b), self.device_state[b], self.record,
-                                              self._half_target(half))
+        # The device copy is the block's state without AMP; under AMP it is a copy of the clean master.
+        states = self.block_state if self.amp_dtype is None else self.device_state
+        states[b] = self._move(self._block_targets(b), states[b], self.record, self._half_target(half))
         self._log("perturb", b, half=half)
         self._log("compute", b, half=half)
 
     def _after_block(self, b: int) -> None:
-        scheduler = self.scheduler
-        half = scheduler.current_half if scheduler is not None else None
+        half = self._current_half()
         if half is None:
             self._end_observe_block(b)
             return
-        if half == scheduler.num_halves - 1:
+        if half == self.scheduler.num_halves - 1:
             self._release(b)
             self._pump_uploads()
 
@@ -390,8 +366,7 @@ class OffloadEngine:
         self._log("offload", b, slot=slot)
 
     def _before_resident(self, own: list[nn.Parameter]) -> None:
-        scheduler = self.scheduler
-        half = scheduler.current_half if scheduler is not None else None
+        half = self._current_half()
         if half is None:
             self.flush()
             return
@@ -415,24 +390,29 @@ class OffloadEngine:
 
     # ----------------------------------------------------------------------------- observation
     def _before_model(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self.in_step and self.scheduler.current_half is not None:
+        if self._current_half() is not None:
             if self._takes_use_cache and kwargs.get("use_cache") is not False:
                 # A KV cache would keep every block's keys and values on the device for each half.
                 return args, {**kwargs, "use_cache": False}
             return None
         self.flush()
         if self.amp_dtype is not None:
-            for r in self.resident_params.values():
-                r.lowp.copy_(r.master)
-                r.param.data = r.lowp
-            for p, _, lowp in self._resident_frozen_lowp.values():
-                p.data = lowp
+            self._use_low_precision_residents()
         return None
 
     def _after_model(self) -> None:
-        if self.in_step and self.scheduler.current_half is not None:
-            return
-        self._restore_masters()
+        if self._current_half() is None:
+            self._restore_masters()
+
+    def _use_low_precision_residents(self) -> None:
+        """AMP: point the resident parameters at their low-precision copies (trainable ones refreshed from
+        their clean fp32 masters) for a step or an observing forward; ``_restore_masters`` undoes it."""
+        for r in self.resident_params.values():
+            r.lowp.copy_(r.master)
+            r.param.data = r.lowp
+            r.state = NoiseState()
+        for p, _, lowp in self._resident_frozen_lowp.values():
+            p.data = lowp
 
     def _restore_masters(self) -> None:
         if self.amp_dtype is not None:

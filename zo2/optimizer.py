@@ -133,10 +133,10 @@ class ZOSGD(torch.optim.Optimizer):
             raise TypeError("ZOSGD.step needs a closure that runs the forward pass and returns the loss, "
                             "e.g. opt.step(lambda: model(**batch).loss)")
         self._check_ranks_agree()
+        self._check_groups()
         engine = getattr(self, "offload_engine", None)
         if engine is not None:
             return engine.step(closure)
-        self._check_groups()
         targets = self.noise_targets()
         seeds = self.seeds_for_step(self.step_count)
         q = len(seeds)
@@ -171,12 +171,12 @@ class ZOSGD(torch.optim.Optimizer):
                         raise dropout_error(found)
                 else:
                     loss_plus = loss_value(closure())
-                loss_plus = self.reduce_loss(loss_plus)
+                (loss_plus,) = self.reduce_losses([loss_plus])
                 losses_plus.append(loss_plus)
                 if not math.isfinite(loss_plus):
                     return self._skip(restore, "L+", loss_plus, losses_plus)
                 shift([(seeds[k], -2.0)])
-                loss_minus = self.reduce_loss(loss_value(closure()))
+                (loss_minus,) = self.reduce_losses([loss_value(closure())])
                 if not math.isfinite(loss_minus):
                     return self._skip(restore, "L-", loss_minus, losses_plus)
                 diffs.append((loss_plus - loss_minus) / 2.0)
@@ -194,11 +194,15 @@ class ZOSGD(torch.optim.Optimizer):
             return coefs
 
         apply_terms(targets, seeds, final_coefs, lambda g: -g["lr"] * g["weight_decay"], dist=dist)
+        return self._record_step(diffs, losses_plus)
+
+    def _record_step(self, diffs: list[float], losses_plus: list[float]) -> torch.Tensor:
+        """Count a completed step: its projected gradients (with ε of the first group) and the mean L+."""
         eps0 = self.param_groups[0]["eps"]
         self.projected_grads = [d / eps0 for d in diffs]
-        self.projected_grad = sum(self.projected_grads) / q
+        self.projected_grad = sum(self.projected_grads) / len(diffs)
         self.step_count += 1
-        return torch.tensor(sum(losses_plus) / q)
+        return torch.tensor(sum(losses_plus) / len(losses_plus))
 
     def _check_ranks_agree(self) -> None:
         """Once per process (and after load_state_dict): all ranks must share seed, step, q and distribution."""
@@ -209,15 +213,16 @@ class ZOSGD(torch.optim.Optimizer):
                        None if pg is True else pg)
         self._ranks_checked = True
 
-    def reduce_loss(self, value: float) -> float:
-        """The loss averaged over the data-parallel ranks (itself without a ``process_group``)."""
+    def reduce_losses(self, values: list[float]) -> list[float]:
+        """The losses averaged over the data-parallel ranks in one all-reduce (themselves without a
+        ``process_group``)."""
         pg = getattr(self, "process_group", None)  # not pickled: a process group does not survive a copy
         if pg is None:
-            return value
-        group = None if pg is True else pg
-        return average_losses([value], group)[0]
+            return values
+        return average_losses(values, None if pg is True else pg)
 
     def _skip(self, restore: Callable[[], None], which: str, value: float, losses_plus: list[float]) -> torch.Tensor:
+        """Count a skipped step (after ``restore`` undoes its perturbation) and warn."""
         restore()
         self.skipped_steps += 1
         self.projected_grad = float("nan")

@@ -47,6 +47,12 @@ class FlatLayout:
         return out
 
 
+def wire_layout(params: list[torch.Tensor], amp_dtype: torch.dtype | None) -> FlatLayout:
+    """The layout of a block as it crosses the bus: floating tensors in ``amp_dtype`` when given."""
+    dtypes = [amp_dtype if amp_dtype is not None and p.is_floating_point() else p.dtype for p in params]
+    return FlatLayout.of(params, dtypes)
+
+
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     """A flat uint8 host buffer, page-locked when ``pin`` (so that copies to the GPU are asynchronous)."""
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
@@ -57,12 +63,7 @@ class BlockStore:
     AMP) and ``wire`` (what crosses the bus: the master itself, or a low-precision copy under AMP)."""
 
     def __init__(self, block: nn.Module, amp_dtype: torch.dtype | None, pin: bool) -> None:
-        seen: set[int] = set()
-        self.params: list[nn.Parameter] = []
-        for p in block.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                self.params.append(p)
+        self.params: list[nn.Parameter] = list(block.parameters())  # each tensor once, tied or not
         self.master_layout = FlatLayout.of(self.params, [p.dtype for p in self.params])
         self.master_flat = host_buffer(self.master_layout.nbytes, pin)
         self.master = self.master_layout.views(self.master_flat)
@@ -73,8 +74,7 @@ class BlockStore:
         if amp_dtype is None:
             self.wire_layout, self.wire_flat, self.wire = self.master_layout, self.master_flat, self.master
         else:
-            dtypes = [amp_dtype if p.is_floating_point() else p.dtype for p in self.params]
-            self.wire_layout = FlatLayout.of(self.params, dtypes)
+            self.wire_layout = wire_layout(self.params, amp_dtype)
             self.wire_flat = host_buffer(self.wire_layout.nbytes, pin)
             self.wire = self.wire_layout.views(self.wire_flat)
 

@@ -59,19 +59,19 @@ def test_amp_prepares_each_master_once_per_step_after_the_first(make_opt):
 def test_one_fused_pass_per_half_and_block(make_opt, monkeypatch):
     """Per step each block is moved once per half: restore + update + perturb fused for the first half,
     then one flip per further half; the tied embedding of OPT is one tensor, moved once per half."""
-    import zo2.deferred as deferred
+    import zo2.noise as noise
 
     model = make_opt(num_hidden_layers=2)
     opt = zo2.ZOSGD(model.parameters(), lr=1e-3, seed=3)
     zo2.offload(model, opt, device="cpu", verbose=False)
     calls = []
-    real = deferred.zo_perturb_
+    real = noise.zo_perturb_
 
     def counting(p, seeds, coefs, stream, c, dist):
         calls.append((stream, len(seeds)))
         return real(p, seeds, coefs, stream, c, dist)
 
-    monkeypatch.setattr(deferred, "zo_perturb_", counting)
+    monkeypatch.setattr(noise, "zo_perturb_", counting)
     ids = torch.randint(0, 61, (2, 7))
     opt.step(lambda: model(input_ids=ids, labels=ids).loss)
     opt.step(lambda: model(input_ids=ids, labels=ids).loss)
