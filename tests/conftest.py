@@ -7,6 +7,9 @@ test module imports ``memtrain.kernels``, whenever no CUDA device is present.
 import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
 
 import torch
 
@@ -42,3 +45,30 @@ def _devices() -> list[str]:
 @pytest.fixture(params=_devices())
 def device(request) -> str:
     return request.param
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def spawn_ranks(tmp_path):
+    """Run a torch.distributed worker script as ``world`` processes and wait for all of them.
+
+    Each process gets argv ``rank world port *args`` (the port is free on 127.0.0.1); a process that
+    exits non-zero fails the test with the end of its stderr.
+    """
+
+    def spawn(script_text: str, world: int, *args: str) -> None:
+        script = tmp_path / f"worker_{len(list(tmp_path.glob('worker_*.py')))}.py"
+        script.write_text(script_text)
+        port = str(_free_port())
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port, *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err[-3000:]
+
+    return spawn

@@ -1,20 +1,10 @@
 """Under torch.distributed (gloo, 2 CPU processes): clipped sums all-reduced, noise added once, not per rank."""
 
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 WORKER = """
 import os, sys
@@ -43,22 +33,11 @@ dist.destroy_process_group()
 """
 
 
-def _spawn(tmp_path, sigma: float, out: str) -> None:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(sigma), out],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
-def test_ddp_sums_ranks_and_noises_once(tmp_path, ref):
+def test_ddp_sums_ranks_and_noises_once(tmp_path, ref, spawn_ranks):
     out = str(tmp_path / "params")
     for sigma in (0.0, 1.0):
-        _spawn(tmp_path, sigma, f"{out}{sigma}")
+        spawn_ranks(WORKER, 2, str(sigma), f"{out}{sigma}")
     r0, r1 = torch.load(f"{out}0.0.0"), torch.load(f"{out}0.0.1")
     for n in r0:
         torch.testing.assert_close(r0[n], r1[n])  # all ranks take the same step
@@ -123,25 +102,18 @@ dist.destroy_process_group()
 """
 
 
-def _spawn_ddp(tmp_path, world: int, wrap: str) -> list[dict]:
-    script = tmp_path / "ddp_worker.py"
-    script.write_text(DDP_WORKER)
-    port = str(_free_port())
+def _spawn_ddp(spawn_ranks, tmp_path, world: int, wrap: str) -> list[dict]:
     out = str(tmp_path / f"{wrap}{world}")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port, wrap, out],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
+    spawn_ranks(DDP_WORKER, world, wrap, out)
     return [torch.load(f"{out}.{r}") for r in range(world)]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 @pytest.mark.parametrize("wrap", ["flashdp", "torch"])
-def test_ddp_two_ranks_match_one_process_with_whole_batch(tmp_path, wrap):
+def test_ddp_two_ranks_match_one_process_with_whole_batch(tmp_path, wrap, spawn_ranks):
     """Per-sample clipping on each rank, DDP's all-reduce, noise once: the update of one process, same seed."""
-    (single,) = _spawn_ddp(tmp_path, 1, "none")
-    ranks = _spawn_ddp(tmp_path, 2, wrap)
+    (single,) = _spawn_ddp(spawn_ranks, tmp_path, 1, "none")
+    ranks = _spawn_ddp(spawn_ranks, tmp_path, 2, wrap)
     for r in ranks:
         for n, p in single["params"].items():
             name = n if n in r["params"] else f"module.{n}"

@@ -1,8 +1,5 @@
 """zo2 data-parallel on gloo (2 CPU processes): the same update as one process with the whole batch."""
 
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -42,30 +39,18 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(tmp_path, world: int, mode: str) -> list[dict]:
-    script = tmp_path / "zo_worker.py"
-    script.write_text(WORKER)
-    port, out = str(_free_port()), str(tmp_path / f"{mode}{world}")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port, mode, out],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
+def run(spawn_ranks, tmp_path, world: int, mode: str) -> list[dict]:
+    out = str(tmp_path / f"{mode}{world}")
+    spawn_ranks(WORKER, world, mode, out)
     return [torch.load(f"{out}.{r}") for r in range(world)]
 
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
 
-def check_matches_single(tmp_path, mode: str) -> None:
-    (single,) = run(tmp_path, 1, "plain")
-    ranks = run(tmp_path, 2, mode)
+def check_matches_single(spawn_ranks, tmp_path, mode: str) -> None:
+    (single,) = run(spawn_ranks, tmp_path, 1, "plain")
+    ranks = run(spawn_ranks, tmp_path, 2, mode)
     # float64: only the order of the loss summation differs, amplified by 1/ε in g. The offload engine
     # also groups the noise terms differently (a step's update is fused with the next perturbation), and
     # the kernels form a pass's noise increment in fp32 (z has fp32 precision), hence its wider tolerance.
@@ -79,18 +64,18 @@ def check_matches_single(tmp_path, mode: str) -> None:
         assert torch.equal(ranks[0]["params"][n], ranks[1]["params"][n])  # bit-identical replicas
 
 
-def test_two_ranks_match_one_process_with_whole_batch(tmp_path):
-    check_matches_single(tmp_path, "plain")
+def test_two_ranks_match_one_process_with_whole_batch(tmp_path, spawn_ranks):
+    check_matches_single(spawn_ranks, tmp_path, "plain")
 
 
-def test_ranks_with_different_seeds_are_refused(tmp_path):
-    ranks = run(tmp_path, 2, "badseed")
+def test_ranks_with_different_seeds_are_refused(tmp_path, spawn_ranks):
+    ranks = run(spawn_ranks, tmp_path, 2, "badseed")
     for r in ranks:
         assert "error" in r and "seed" in r["error"] and "same ZOSGD(seed=" in r["error"]
 
 
-def test_two_ranks_with_offload_match_one_process(tmp_path):
-    check_matches_single(tmp_path, "offload")
+def test_two_ranks_with_offload_match_one_process(tmp_path, spawn_ranks):
+    check_matches_single(spawn_ranks, tmp_path, "offload")
 
 
 def test_process_group_without_init_is_a_clear_error():
