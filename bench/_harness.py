@@ -188,11 +188,9 @@ def command_line(argv: list[str] | None = None) -> str:
     i = 1
     while i < len(orig) and orig[i].startswith("-") and orig[i] != "-m":
         i += 2 if orig[i] in ("-X", "-W") else 1  # the interpreter's own options
-    if i < len(orig) and orig[i] == "-m":
-        return shlex.join(["python", "-m", *orig[i + 1:]])
     if i < len(orig) and pathlib.Path(orig[i]).name == "memtrain-bench":
         return shlex.join(["memtrain-bench", *orig[i + 1:]])
-    return shlex.join(["python", *orig[i:]])
+    return shlex.join(["python", *orig[i:]])  # python -m MODULE ... or python SCRIPT ...
 
 
 def utc_now() -> str:
