@@ -1,14 +1,14 @@
-"""memtrain's benchmarks: ``python -m bench`` (installed as the ``memtrain-bench`` console script).
+"""memtrain's benchmarks, installed as ``memtrain.bench``: run ``memtrain-bench`` or ``python -m memtrain.bench``.
 
-Subcommands ``zo``, ``dp`` and ``plan``; see :mod:`bench.cli`. Kernel micro-benchmarks are in
-``tests/bench/test_kernel_benchmarks.py`` (``pytest -m benchmark``), measured tables in RESULTS.md.
+Subcommands ``zo``, ``dp``, ``plan`` and ``kernels``; see :mod:`memtrain.bench.cli`. Measured tables are in
+bench/RESULTS.md. Importing the package loads neither torch nor transformers.
 """
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the command line (imported lazily: importing the package loads neither torch nor transformers)."""
+    """Run the command line (imported lazily)."""
     from .cli import main as cli_main
 
     cli_main(argv)

@@ -1,12 +1,16 @@
-"""``python -m bench`` / ``memtrain-bench``: throughput and memory of zo2 and flashdp against their baselines.
+"""``memtrain-bench`` (or ``python -m memtrain.bench``): zo2 and flashdp against their baselines.
 
-    python -m bench zo --model opt-tiny --steps 3            # AdamW, SGD, MeZO, zo2 (+ offload) on CPU
-    python -m bench dp --model llama-tiny --trainable linear  # non-DP, flashdp, Opacus, Opacus ghost
-    python -m bench plan --model opt-13b,llama2-70b --batch 1 --seq 2048 --dtype bfloat16
-    python -m bench zo --model opt-1.3b --device cuda --dtype bfloat16 --profile-memory
+    memtrain-bench zo --model opt-tiny                         # AdamW, SGD, MeZO, zo2 (+ offload) on CPU
+    memtrain-bench zo --model opt-125m --methods zo2,zo2-offload,zo2-offload-amp   # + the offload ratio
+    memtrain-bench dp --model llama-tiny --trainable linear    # non-DP, flashdp, Opacus, Opacus ghost
+    memtrain-bench dp --model llama-6x512 --isolate            # + each method's peak in a fresh process
+    memtrain-bench plan --model opt-13b,llama2-70b --batch 1 --seq 2048 --dtype bfloat16
+    memtrain-bench kernels zo_perturb --numel 1000000          # a kernel micro-benchmark (``kernels`` lists them)
 
-Each run writes ``results.json`` (config, environment, per-method records with the plan beside the
-measurement) and the plots into ``--out`` (default ``bench-runs/<command>-<time>``).
+Methods run in one process, interleaved round by round (``--rounds``, 7 by default); times are the
+median and p20/p80 of the round samples. Each run writes ``results.json`` (command, date, environment
+with commit and dirty flag, config, one record per method with every sample and the memory plan beside
+the measurement) and the plots into ``--out`` (default ``bench-runs/<command>-<time>``).
 """
 
 from __future__ import annotations
@@ -14,69 +18,104 @@ from __future__ import annotations
 import argparse
 import datetime
 import pathlib
+import pkgutil
+import runpy
 import sys
 
 import torch
 
-from ._harness import environment, write_json
-from .dp_methods import DEFAULT_DP, DP_METHODS
-from .methods import Method
-from .planner import DTYPE_BYTES, model_shape, plan_method
+from ._harness import provenance, write_json
+from .catalogue import COMMANDS, METHODS
+from .planner import DTYPE_BYTES, PlanInput, model_shape
 from .presets import PRESETS
-from .report import breakdown, make_plots, plot_timeline, print_plans, print_results
-from .zo_methods import DEFAULT_ZO, ZO_METHODS
+from .report import breakdown, make_plots, plot_timeline, print_isolated, print_offload, print_plans, print_results
 
-SCHEMA = "memtrain-bench/1"
-CATALOGUE = {"zo": (ZO_METHODS, DEFAULT_ZO), "dp": (DP_METHODS, DEFAULT_DP)}
+SCHEMA = "memtrain-bench/2"
+KERNELS = "memtrain.bench.kernels"
 
 
 def _csv(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def _common(p: argparse.ArgumentParser, kind: str | None) -> None:
     p.add_argument("--model", "--preset", default="opt-tiny", type=_csv,
                    help=f"comma-separated presets ({', '.join(PRESETS)}) or local checkpoint folders")
-    choices = sorted(CATALOGUE[kind][0]) if kind else sorted({**ZO_METHODS, **DP_METHODS})
-    default = ",".join(CATALOGUE[kind][1]) if kind else ",".join(DEFAULT_ZO + DEFAULT_DP)
+    choices = sorted(COMMANDS[kind][0]) if kind else sorted(METHODS)
+    default = ",".join(COMMANDS[kind][1]) if kind else ",".join(COMMANDS["zo"][1] + COMMANDS["dp"][1])
     p.add_argument("--methods", default=default, type=_csv, help=f"comma-separated, from {', '.join(choices)}")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=_positive, default=4)
+    p.add_argument("--seq", type=_positive, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--trainable", default="all", choices=["all", "linear"],
                    help="'linear': only nn.Linear layers train (what Opacus can clip on every model)")
     p.add_argument("--out", default=None, help="output folder (default bench-runs/<command>-<time>)")
 
 
+def kernel_scripts() -> list[str]:
+    """The kernel micro-benchmarks in memtrain.bench.kernels, by short name (``bench_zo_perturb`` -> zo_perturb)."""
+    import importlib
+
+    package = importlib.import_module(KERNELS)
+    return sorted(m.name.removeprefix("bench_") for m in pkgutil.iter_modules(package.__path__)
+                  if m.name.startswith("bench_"))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="memtrain-bench", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     for kind, text in (("zo", "zeroth-order: AdamW/SGD anchors, textbook MeZO, zo2 (plain, offload, offload+AMP)"),
                        ("dp", "private training: non-DP, flashdp, Opacus hooks, Opacus ghost clipping")):
         p = sub.add_parser(kind, help=text, description=text)
         _common(p, kind)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        p.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
-        p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
-        p.add_argument("--rounds", type=int, default=1, help="repeat the method sequence (A B C A B C ...)")
+        p.add_argument("--rounds", type=_positive, default=7,
+                       help="rounds of the method sequence (A B C A B C ...), one sample per method and round; "
+                            "keep >= 7 for ratio claims")
+        p.add_argument("--steps", type=_positive, default=1, help="timed steps per method and round")
+        p.add_argument("--warmup", type=int, default=1, help="untimed steps before them, each round")
+        p.add_argument("--isolate", action="store_true",
+                       help="also measure each method's peak memory in a fresh process of its own")
         p.add_argument("--profile-memory", action="store_true",
                        help="GPU: a memory snapshot per method; CPU: an RSS timeline (both with a breakdown)")
         p.add_argument("--no-prime", dest="prime", action="store_false",
                        help="CPU: skip the priming run on a tiny model before each method's baseline")
         p.add_argument("--no-plots", dest="plots", action="store_false")
+        if kind == "zo":
+            p.add_argument("--prefetch", type=int, default=1,
+                           help="offload: blocks uploaded ahead of the computing one (ring slots = prefetch + 1)")
     p = sub.add_parser("plan", help="predicted peak memory per method, without running anything")
     _common(p, None)
+    p = sub.add_parser("kernels", help="run a kernel micro-benchmark: memtrain-bench kernels NAME [ARGS ...]",
+                       description="Kernel micro-benchmarks (memtrain.bench.kernels); without NAME, list them.")
+    p.add_argument("script", nargs="?", help="e.g. zo_perturb (python -m memtrain.bench.kernels.bench_zo_perturb)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (NAME --help for its options)")
     args = ap.parse_args(argv)
-    known = CATALOGUE[args.command][0] if args.command in CATALOGUE else {**ZO_METHODS, **DP_METHODS}
+    if args.command == "kernels":
+        if args.script is not None and args.script.removeprefix("bench_") not in kernel_scripts():
+            ap.error(f"unknown kernel benchmark {args.script!r}; choose from {', '.join(kernel_scripts())}")
+        return args
+    known = COMMANDS[args.command][0] if args.command in COMMANDS else METHODS
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    if getattr(args, "warmup", 0) < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    if getattr(args, "prefetch", 0) < 0:
+        ap.error(f"--prefetch must be >= 0, got {args.prefetch}")
     return args
 
 
-def _plan(method: str, model: str, args: argparse.Namespace) -> dict:
-    return plan_method(method, model_shape(model, args.trainable), args.batch, args.seq,
-                       getattr(torch, args.dtype)).as_json()
+def _plan_input(args: argparse.Namespace, model: str, device: str = "cuda") -> PlanInput:
+    return PlanInput(model_shape(model, args.trainable), args.batch, args.seq, getattr(torch, args.dtype), device,
+                     ring_slots=getattr(args, "prefetch", 1) + 1)
 
 
 def _out_dir(args: argparse.Namespace) -> pathlib.Path:
@@ -87,17 +126,32 @@ def _out_dir(args: argparse.Namespace) -> pathlib.Path:
 
 
 def run_plan(args: argparse.Namespace) -> dict:
-    plans = [{"model": m, **_plan(meth, m, args)} for m in args.model for meth in args.methods]
+    plans = []
+    for model in args.model:
+        inp = _plan_input(args, model)
+        plans += [{"model": model, **METHODS[m].plan_for(inp).as_json()} for m in args.methods]
     print_plans(plans)
     return {"plans": plans}
 
 
+def _attach_plan(rec: dict, args: argparse.Namespace, model: str) -> None:
+    shape = model_shape(model, args.trainable)
+    rec["model"], rec["n_params"], rec["n_trainable"] = model, shape.params, shape.trainable
+    rec["plan"] = METHODS[rec["method"]].plan_for(_plan_input(args, model, args.device)).as_json()
+    if rec["status"] == "ok":
+        peak = rec["memory_bytes"]["peak"]
+        rec["plan_error"] = (rec["plan"]["total_bytes"] - peak) / peak if peak else None
+        rec["breakdown"] = breakdown(rec, rec["plan"])
+
+
 def run_measure(args: argparse.Namespace, out: pathlib.Path) -> dict:
+    from .isolate import run_isolated
     from .memory import RssTimeline
+    from .offload_ratio import offload_comparisons
     from .run import RunConfig, run_comparison
 
-    methods: dict[str, Method] = {m: CATALOGUE[args.command][0][m] for m in args.methods}
-    dtype = getattr(torch, args.dtype)
+    methods = {m: METHODS[m] for m in args.methods}
+    options = {"prefetch": args.prefetch} if args.command == "zo" else {}
     cpu_profile = args.profile_memory and not args.device.startswith("cuda")
     timeline = RssTimeline() if cpu_profile else None
     results = []
@@ -105,32 +159,32 @@ def run_measure(args: argparse.Namespace, out: pathlib.Path) -> dict:
         timeline.__enter__()
     try:
         for model in args.model:
-            cfg = RunConfig(model=model, batch=args.batch, seq=args.seq, dtype=dtype, device=args.device,
-                            steps=args.steps, warmup=args.warmup, trainable=args.trainable, rounds=args.rounds,
-                            profile_memory=args.profile_memory, snapshot_dir=str(out), prime=args.prime)
-            shape = model_shape(model, args.trainable)
+            cfg = RunConfig(model=model, batch=args.batch, seq=args.seq, dtype=getattr(torch, args.dtype),
+                            device=args.device, steps=args.steps, warmup=args.warmup, trainable=args.trainable,
+                            rounds=args.rounds, profile_memory=args.profile_memory, snapshot_dir=str(out),
+                            prime=args.prime, options=options)
             for rec in run_comparison(methods, cfg, timeline):
-                rec["model"], rec["n_params"], rec["n_trainable"] = model, shape.params, shape.trainable
-                try:
-                    rec["plan"] = plan_method(rec["method"], shape, args.batch, args.seq, dtype,
-                                              device=args.device).as_json()
-                except ValueError:
-                    rec["plan"] = None
-                if rec["status"] == "ok":
-                    peak = rec["memory_bytes"]["peak"]
-                    rec["plan_error"] = (rec["plan"]["total_bytes"] - peak) / peak if rec["plan"] and peak else None
-                    rec["breakdown"] = breakdown(rec, rec["plan"])
+                _attach_plan(rec, args, model)
                 results.append(rec)
+            if args.isolate:
+                one = RunConfig(**{**vars(cfg), "rounds": 1, "prime": False, "profile_memory": False})
+                for rec in results[-len(methods):]:
+                    rec["isolated"] = run_isolated(rec["method"], one)
     finally:
         if timeline:
             timeline.__exit__(None, None, None)
+    memory = "GPU allocated" if args.device.startswith("cuda") else "process RSS"
     title = (f"{args.command}: B={args.batch}, T={args.seq}, {args.dtype}, {args.device}, trainable={args.trainable}, "
-             f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s); memory = peak increase "
-             f"({'GPU allocated' if args.device.startswith('cuda') else 'process RSS'}) over the pre-build baseline")
+             f"{args.rounds} interleaved round(s) of {args.warmup} warm-up + {args.steps} timed step(s); step time "
+             f"over the rounds; memory = peak increase ({memory}) over the pre-build baseline")
     print_results(title, results)
+    print_isolated(results)
     record: dict = {"results": results}
+    if args.command == "zo":
+        record["comparisons"] = offload_comparisons(results)
+        print_offload(record["comparisons"])
     if args.plots:
-        record["plots"] = make_plots(results, out, "GPU allocated" if args.device.startswith("cuda") else "RSS")
+        record["plots"] = make_plots(results, out, memory)
     if timeline:
         record["rss_timeline"] = timeline.as_json()
         path = plot_timeline(record["rss_timeline"], out) if args.plots else None
@@ -139,16 +193,34 @@ def run_measure(args: argparse.Namespace, out: pathlib.Path) -> dict:
     return record
 
 
+def run_kernels(args: argparse.Namespace) -> None:
+    """List the kernel micro-benchmarks, or run one as ``python -m memtrain.bench.kernels.bench_<name>`` would."""
+    if args.script is None:
+        print("kernel micro-benchmarks (memtrain-bench kernels NAME [ARGS ...]):")
+        for name in kernel_scripts():
+            print(f"  {name}")
+        return
+    module = f"{KERNELS}.bench_{args.script.removeprefix('bench_')}"
+    saved = sys.argv
+    sys.argv = [module, *args.args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        sys.argv = saved
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``memtrain-bench``); returns None so that the exit status is 0."""
     args = parse_args(argv)
+    if args.command == "kernels":
+        run_kernels(args)
+        return
+    head = provenance(getattr(args, "device", "cpu"), argv)
     out = _out_dir(args)
-    device = getattr(args, "device", "cpu")
     body = run_plan(args) if args.command == "plan" else run_measure(args, out)
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "command")}
     config["dtype_bytes"] = DTYPE_BYTES[getattr(torch, args.dtype)]
-    write_json("results", {"schema": SCHEMA, "command": args.command,
-                           "argv": list(sys.argv[1:] if argv is None else argv), "config": config,
-                           "environment": environment(device), **body}, str(out / "results.json"))
+    write_json("results", {"schema": SCHEMA, **head, "subcommand": args.command, "config": config, **body},
+               out / "results.json")
     for p in body.get("plots", []):
         print(f"wrote {p}")

@@ -3,7 +3,8 @@
 A step is forward, next-token cross-entropy, backward, optimizer step and zero_grad, with SGD at the
 same learning rate for all. flashdp clips per layer; Opacus clips flat, with the same C = 1 and σ = 1.
 When Opacus refuses the model (Llama's RMSNorm, for one), the method is reported unavailable with
-Opacus's own message.
+Opacus's own message. Each method is one :class:`~memtrain.bench.methods.Method`: its set-up and its
+memory plan side by side.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 import torch
 
 from .methods import Method, MethodUnavailable, Runner, Workload, lm_loss
+from .planner import PlanInput, backward_parts
 
 LR = 1e-3
 
@@ -84,10 +86,26 @@ def _opacus(ghost: bool):
     return setup
 
 
-DP_METHODS: dict[str, Method] = {
-    "nondp": Method(_nondp, "non-DP SGD"),
-    "flashdp": Method(_flashdp, "flashdp"),
-    "opacus": Method(_opacus(False), "Opacus (per-sample hooks)"),
-    "opacus-ghost": Method(_opacus(True), "Opacus ghost clipping"),
-}
+def _flashdp_plan(i: PlanInput) -> dict[str, int]:
+    # the noise is drawn one parameter at a time
+    return {**backward_parts(i), "noise": i.shape.largest * i.bytes}
+
+
+def _opacus_plan(i: PlanInput) -> dict[str, int]:
+    # B gradients per trainable weight, and the largest one again while it is clipped
+    s = i.shape
+    return {**backward_parts(i), "per-sample gradients": i.batch * (s.trainable + s.largest) * i.bytes}
+
+
+def _opacus_ghost_plan(i: PlanInput) -> dict[str, int]:
+    # the loss's graph is retained for the second, rescaled backward pass
+    return {**backward_parts(i), "retained loss graph": 3 * i.tokens * i.shape.vocab * i.bytes}
+
+
+DP_METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("nondp", "non-DP SGD", _nondp, backward_parts),
+    Method("flashdp", "flashdp", _flashdp, _flashdp_plan),
+    Method("opacus", "Opacus (per-sample hooks)", _opacus(False), _opacus_plan),
+    Method("opacus-ghost", "Opacus ghost clipping", _opacus(True), _opacus_ghost_plan),
+)}
 DEFAULT_DP = list(DP_METHODS)

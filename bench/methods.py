@@ -1,9 +1,10 @@
-"""What a benchmarked method is: a set-up function that takes a freshly built model and batch and returns a
-step to time.
+"""What a benchmarked method is: one definition holding its set-up, its step and its memory plan.
 
-Each method module (``zo_methods``, ``dp_methods``) maps method names to set-up functions. A set-up may
-raise :class:`MethodUnavailable` (the method cannot run in this build or on this model; the message says
-why); the runner records that as the method's result and goes on with the others.
+A :class:`Method` takes a freshly built model and batch (:class:`Workload`) and returns a :class:`Runner`
+whose ``step()`` is timed; its ``plan`` predicts the method's peak memory from the model's shapes alone
+(:mod:`memtrain.bench.planner`). The definitions are in ``zo_methods`` and ``dp_methods``, the name
+lookup in ``catalogue``. A set-up may raise :class:`MethodUnavailable` (the method cannot run in this
+build or on this model; the message says why); the runner records that and goes on with the others.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from .planner import Plan, PlanInput
 
 
 class MethodUnavailable(RuntimeError):
@@ -26,6 +29,7 @@ class Workload:
     ids: torch.Tensor
     device: str
     trainable: str = "all"  # "all" or "linear" (only nn.Linear weights and biases train)
+    options: dict = field(default_factory=dict)  # command options a method reads (zo: "prefetch")
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -34,20 +38,36 @@ class Workload:
 
 @dataclass
 class Runner:
-    """One method set up on a workload: ``step()`` runs one training step and returns the loss."""
+    """One method set up on a workload.
+
+    ``step()`` runs one training step and returns the loss; ``close()`` releases what the set-up attached;
+    ``info`` goes into the record as is; ``extra_timings`` are timed once per round after the steps, each
+    a callable returning seconds (the offload engine's transfers alone, for one).
+    """
 
     step: Callable[[], float]
     close: Callable[[], None] = lambda: None
     info: dict = field(default_factory=dict)
+    extra_timings: dict[str, Callable[[], float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A benchmarked method: its set-up and whether the model must be built on the host (offload)."""
+    """A benchmarked method: its name and label, its set-up and its memory plan, together.
 
-    setup: Callable[[Workload], Runner]
+    ``plan`` maps the model's shapes and the run's sizes to the peak's parts in bytes. ``host_model``: the
+    model is built on the host and the method moves what it needs to the device (offload).
+    """
+
+    name: str
     label: str
+    setup: Callable[[Workload], Runner]
+    plan: Callable[[PlanInput], dict[str, int]]
     host_model: bool = False
+
+    def plan_for(self, inp: PlanInput) -> Plan:
+        """The method's predicted peak memory for ``inp``, by part."""
+        return Plan(self.name, self.plan(inp))
 
 
 def freeze_all_but_linear(model: torch.nn.Module) -> None:

@@ -19,8 +19,10 @@ Everything is read from the model's exact shapes (built on the meta device) and 
   the compute dtype) and the activations of one block for both halves of the step.
 
 The peak is the sum of what coexists at the busiest moment (the end of the forward pass and the start of
-the backward pass for first-order methods). ``zo`` and ``dp`` runs print the plan beside what they measure;
-the coefficients were checked against measured CPU peaks (tests/bench/test_planner.py).
+the backward pass for first-order methods). This module holds the shapes and the parts shared by several
+methods; each method's own plan sits beside its set-up (``zo_methods``, ``dp_methods``). ``zo`` and ``dp``
+runs print the plan beside what they measure; the coefficients were checked against measured CPU peaks
+(tests/bench/test_planner.py).
 """
 
 from __future__ import annotations
@@ -98,6 +100,32 @@ class Plan:
         return {"method": self.method, "total_bytes": self.total, "components_bytes": dict(self.components)}
 
 
+@dataclass(frozen=True)
+class PlanInput:
+    """What a method's plan is computed from: the model's shapes and the run's sizes."""
+
+    shape: Shape
+    batch: int
+    seq: int
+    dtype: torch.dtype = torch.float32
+    device: str = "cuda"
+    ring_slots: int = 2  # offload: prefetch + 1
+    amp_bytes: int = 2  # offload with AMP: bytes per value of the low-precision copy
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def bytes(self) -> int:
+        """Bytes per value of the parameters and activations."""
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def weights(self) -> int:
+        return (self.shape.params + self.shape.buffers) * self.bytes
+
+
 def saved_activations(s: Shape, tokens: int) -> int:
     """Values autograd saves for the backward pass (elements, not bytes)."""
     per_block = 9 * s.hidden + 3 * s.kv + 4 * s.ffn if s.family == "llama" else 10 * s.hidden + 2 * s.ffn
@@ -109,48 +137,39 @@ def _forward_peak(s: Shape, tokens: int) -> int:
     return max(3 * tokens * s.vocab, tokens * (2 * s.ffn + 4 * s.hidden))
 
 
-def plan_method(method: str, s: Shape, batch: int, seq: int, dtype: torch.dtype = torch.float32,
-                ring_slots: int = 2, amp_bytes: int = 2, device: str = "cuda") -> Plan:
-    """The memory plan of ``method`` ('adamw', 'sgd', 'mezo', 'zo2', 'forward', 'zo2-offload',
-    'zo2-offload-amp', 'nondp', 'flashdp', 'opacus', 'opacus-ghost') on ``device``. With offloading to
-    the CPU, the host store (the blocks, and their low-precision copy under AMP) is in the same memory."""
-    b = DTYPE_BYTES[dtype]
-    n = batch * seq
-    weights = (s.params + s.buffers) * b
-    plan = Plan(method)
-    c = plan.components
-    if method in ("zo2", "forward", "mezo"):
-        c["weights"] = weights
-        fwd = _forward_peak(s, n) * b
-        noise = 3 * s.largest * b if method == "mezo" else 0
-        # the noise temporaries of MeZO and the forward pass never coexist: the peak is the larger one
-        c["activations (no grad)"] = max(fwd, noise) if method == "mezo" else fwd
-        if method == "mezo" and noise > fwd:
-            c["noise"], c["activations (no grad)"] = noise, 0
-    elif method in ("zo2-offload", "zo2-offload-amp"):
-        cb = amp_bytes if method.endswith("amp") else b
-        c["resident"] = (s.params - s.in_blocks + s.buffers) * b
-        c["offload ring"] = ring_slots * s.block * cb
-        c["activations (one block, both halves)"] = 2 * n * s.hidden * 4 * cb
-        c["logits"] = 3 * n * s.vocab * cb
-        if device.startswith("cpu"):
-            c["host store (blocks)"] = s.in_blocks * (b + (cb if method.endswith("amp") else 0))
-    elif method in ("adamw", "sgd", "nondp", "flashdp", "opacus", "opacus-ghost"):
-        c["weights"] = weights
-        c["activations"] = saved_activations(s, n) * b
-        c["logits and loss"] = 2 * n * s.vocab * b
-        c["gradients (LM head, at the start of backward)"] = s.vocab * s.hidden * b
-        if method == "adamw":
-            c["optimizer state"] = 2 * s.trainable * b
-            c["update temporaries"] = s.largest * b
-        if method == "flashdp":
-            c["noise"] = s.largest * b
-        if method == "opacus":
-            # B gradients per trainable weight, and the largest one again while it is clipped
-            c["per-sample gradients"] = batch * (s.trainable + s.largest) * b
-        if method == "opacus-ghost":
-            # the loss's graph is retained for the second, rescaled backward pass
-            c["retained loss graph"] = 3 * n * s.vocab * b
-    else:
-        raise ValueError(f"no memory plan for method {method!r}")
-    return plan
+def backward_parts(i: PlanInput) -> dict[str, int]:
+    """A forward + backward step at its busiest moment: weights, saved activations, logits and the first
+    gradient (the LM head's); optimizer state and method-specific parts are added by each method."""
+    s, b, n = i.shape, i.bytes, i.tokens
+    return {
+        "weights": i.weights,
+        "activations": saved_activations(s, n) * b,
+        "logits and loss": 2 * n * s.vocab * b,
+        "gradients (LM head, at the start of backward)": s.vocab * s.hidden * b,
+    }
+
+
+def forward_only_parts(i: PlanInput, noise_values: int = 0) -> dict[str, int]:
+    """A step of no-grad forward passes: weights and the larger of the forward pass's peak and the noise's
+    temporaries (``noise_values`` elements), which never coexist."""
+    fwd = _forward_peak(i.shape, i.tokens) * i.bytes
+    noise = noise_values * i.bytes
+    if noise > fwd:
+        return {"weights": i.weights, "activations (no grad)": 0, "noise": noise}
+    return {"weights": i.weights, "activations (no grad)": fwd}
+
+
+def offload_parts(i: PlanInput, amp: bool) -> dict[str, int]:
+    """zo2.offload's peak: resident modules, the ring of block slots, one block's activations for both
+    halves, the logits; on the CPU also the host store. The one place to swap for zo2's own offload plan."""
+    s, b, n = i.shape, i.bytes, i.tokens
+    cb = i.amp_bytes if amp else b
+    parts = {
+        "resident": (s.params - s.in_blocks + s.buffers) * b,
+        "offload ring": i.ring_slots * s.block * cb,
+        "activations (one block, both halves)": 2 * n * s.hidden * 4 * cb,
+        "logits": 3 * n * s.vocab * cb,
+    }
+    if i.device.startswith("cpu"):  # the host store (the blocks, and their low-precision copy) is the same memory
+        parts["host store (blocks)"] = s.in_blocks * (b + (cb if amp else 0))
+    return parts

@@ -30,21 +30,63 @@ def _fmt(v, scale: float = 1.0, spec: str = ".1f") -> str:
 
 
 def print_results(title: str, results: list[dict]) -> None:
-    """One row per (model, method): throughput, step time, measured and planned peak, relative to the first."""
+    """One row per (model, method): throughput, step time (median, p20, p80), measured and planned peak."""
     from ._harness import print_table
 
     rows = []
     for r in results:
         if r["status"] != "ok":
-            rows.append([r["model"], r["method"], r["status"], "-", "-", "-", "-", "-", r.get("error", "")[:90]])
+            rows.append([r["model"], r["method"], r["status"], *["-"] * 7, r.get("error", "")[:90]])
             continue
         peak = r["memory_bytes"]["peak"]
-        plan = r.get("plan", {}).get("total_bytes")
+        plan = (r.get("plan") or {}).get("total_bytes")
         err = r.get("plan_error")
-        rows.append([r["model"], r["method"], "ok", _fmt(r["tokens_per_s"]), _fmt(r["median_step_s"], 1e-3),
-                     _fmt(peak, MiB), _fmt(plan, MiB), "-" if err is None else f"{100 * err:+.0f}%", ""])
-    print_table(title, ["model", "method", "status", "tokens/s", "step ms", "peak MiB", "plan MiB", "plan err",
-                        "note"], rows)
+        rows.append([r["model"], r["method"], "ok", _fmt(r["tokens_per_s"]), _fmt(r["median"], 1e-3),
+                     _fmt(r["p20"], 1e-3), _fmt(r["p80"], 1e-3), _fmt(peak, MiB), _fmt(plan, MiB),
+                     "-" if err is None else f"{100 * err:+.0f}%", r.get("memory_note", "")[:40]])
+    print_table(title, ["model", "method", "status", "tokens/s", "median ms", "p20 ms", "p80 ms", "peak MiB",
+                        "plan MiB", "plan err", "note"], rows)
+
+
+def print_isolated(results: list[dict]) -> None:
+    """--isolate: each method's peak in a process of its own, and what training added over its set-up."""
+    from ._harness import print_table
+
+    rows = []
+    for r in results:
+        iso = r.get("isolated")
+        if iso is None:
+            continue
+        if iso["status"] != "ok":
+            rows.append([r["model"], r["method"], iso["status"], "-", "-", "-", iso.get("error", "")[:90]])
+            continue
+        rows.append([r["model"], r["method"], "ok", _fmt(iso["peak_bytes"], MiB), _fmt(iso["after_setup_bytes"], MiB),
+                     _fmt(iso["peak_bytes"] - iso["after_setup_bytes"], MiB), ""])
+    if rows:
+        kind = "GPU allocated" if results[0].get("memory_kind") == "cuda" else "process RSS"
+        print_table(f"peak memory, one fresh process per method ({kind}, whole process)",
+                    ["model", "method", "status", "peak MiB", "after set-up MiB", "training adds MiB", "note"], rows)
+
+
+def print_offload(comparisons: list[dict]) -> None:
+    """The offload comparison: offloaded / plain step, transfers alone, share of them hidden behind compute."""
+    from ._harness import print_table
+
+    rows = []
+    for c in comparisons:
+        t = c["transfers"]
+        rr = c["round_ratios"]
+        rows.append([c["model"], c["method"], f"{c['ratio']:.3f}",
+                     "-" if rr is None else f"{rr['p20']:.3f}-{rr['p80']:.3f}",
+                     _fmt(t.get("median"), 1e-3) if t.get("status") == "ok" else t.get("status"),
+                     "-" if c["hidden_share"] is None else f"{100 * c['hidden_share']:.1f}%"])
+    if rows:
+        print_table("offload: offloaded step / plain zo2 step; transfer time hidden = 1 - (offloaded - plain) / "
+                    "transfers alone", ["model", "method", "ratio", "round ratios p20-p80", "transfers ms",
+                                        "hidden"], rows)
+        for c in comparisons:
+            if c.get("hidden_share_note"):
+                print(f"  {c['method']}: {c['hidden_share_note']}")
 
 
 def print_plans(plans: list[dict]) -> None:

@@ -1,11 +1,13 @@
-"""Runs the methods of a comparison one after another in this process and measures each one.
+"""Runs the methods of a comparison in this process, interleaved round by round, and measures each one.
 
-For each method: build a fresh model and batch (same seed for all), set the method up, run ``warmup``
-untimed and ``steps`` timed steps, and record step times (CUDA events on GPU), tokens/s (each token
-counted once per step) and memory in three windows: build (weights and set-up), the first step
-(optimizer state appears) and the steady steps (activations and temporaries). Memory is the increase
-over a baseline taken just before the model is built. ``rounds`` > 1 repeats the whole sequence
-(A B C, A B C ...) so that a noisy machine slows every method alike; times are pooled over the rounds.
+Each round, for each method in turn (A B C, A B C ...): build a fresh model and batch (same seed for all),
+set the method up, run ``warmup`` untimed and ``steps`` timed steps, time its extra measurements (the
+offload engine's transfers alone), then free it. The round's sample is the mean time of its timed steps
+(CUDA events on a GPU); a method's times are the median and p20/p80 of its round samples, and tokens/s
+counts each token once per step at the median. Memory is the increase over a baseline taken just before
+the model is built, in three windows: build (weights and set-up), the first step (optimizer state
+appears) and the steady steps (activations and temporaries); the record keeps the round with the
+highest peak. Only one method's model is alive at a time, so each peak is the method's own.
 
 On CPU each method is first run once on a tiny model of the same family ("priming"), so that the code
 pages and thread pools it touches are resident before its baseline is taken. A method that raises is
@@ -14,14 +16,13 @@ recorded as failed (or unavailable) and the others still run.
 
 from __future__ import annotations
 
-import statistics
 import traceback
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from ._harness import time_once
+from ._harness import interleave, summarize, time_once
 from .memory import MemoryProbe, RssTimeline
 from .methods import Method, MethodUnavailable, Workload, freeze_all_but_linear
 from .presets import PRESETS, build_model, model_config
@@ -43,7 +44,7 @@ class RunConfig:
     profile_memory: bool = False
     snapshot_dir: str | None = None
     prime: bool = True
-    extra: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # passed to the methods in Workload.options
 
 
 def make_workload(model_name: str, cfg: RunConfig, method: Method, batch: int, seq: int) -> Workload:
@@ -53,7 +54,7 @@ def make_workload(model_name: str, cfg: RunConfig, method: Method, batch: int, s
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(cfg.device)
     if cfg.trainable == "linear":
         freeze_all_but_linear(model)
-    return Workload(model, ids, cfg.device, cfg.trainable)
+    return Workload(model, ids, cfg.device, cfg.trainable, dict(cfg.options))
 
 
 def _prime(method: Method, cfg: RunConfig) -> None:
@@ -65,16 +66,18 @@ def _prime(method: Method, cfg: RunConfig) -> None:
     runner.close()
 
 
-def _error_record(err: BaseException) -> dict:
+def error_record(err: BaseException) -> dict:
+    """A failed method's record: 'unavailable' (with the reason) or 'failed' (with the traceback's tail)."""
     if isinstance(err, MethodUnavailable):
         return {"status": "unavailable", "error": str(err)}
     tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     return {"status": "failed", "error": f"{type(err).__name__}: {err}", "traceback": tb[-4000:]}
 
 
-def run_method(name: str, method: Method, cfg: RunConfig, probe: MemoryProbe, bar: tqdm, primed: set,
+def run_method(method: Method, cfg: RunConfig, probe: MemoryProbe, bar: tqdm, primed: set,
                timeline: RssTimeline | None = None) -> dict:
-    """Set up, time and measure one method once; never raises (a failure becomes the record)."""
+    """One round of one method: set up, time and measure; never raises (a failure becomes the record)."""
+    name = method.name
     record: dict = {"method": name, "label": method.label}
     runner = workload = None
 
@@ -109,8 +112,16 @@ def run_method(name: str, method: Method, cfg: RunConfig, probe: MemoryProbe, ba
             bar.update(1)
         mem["steady_step_peak"] = probe.peak() if cfg.warmup + cfg.steps > 1 else mem["first_step_peak"]
         mem["peak"] = max(mem["build_peak"], mem["first_step_peak"], mem["steady_step_peak"])
-        record.update(status="ok", step_times_s=times, losses=losses, memory_kind=probe.kind,
-                      memory_bytes=mem, baseline_bytes=probe.baseline, **probe.extra(), **runner.info)
+        extras = {}
+        for extra, fn in runner.extra_timings.items():
+            phase(extra)
+            try:
+                extras[extra] = fn()
+            except Exception as err:  # reported in the record; the step times still stand
+                extras[extra] = error_record(err)
+        record.update(status="ok", sample=sum(times) / len(times), step_times=times, losses=losses,
+                      memory_kind=probe.kind, memory_bytes=mem, baseline_bytes=probe.baseline, extras=extras,
+                      **probe.counters(), **runner.info)
         if probe.note:
             record["memory_note"] = probe.note
         if cfg.profile_memory and probe.cuda and cfg.snapshot_dir:
@@ -120,7 +131,7 @@ def run_method(name: str, method: Method, cfg: RunConfig, probe: MemoryProbe, ba
         phase("close")
         runner.close()
     except Exception as err:  # a failing method is reported, the comparison goes on
-        record.update(_error_record(err))
+        record.update(error_record(err))
         if probe.cuda and isinstance(err, torch.cuda.OutOfMemoryError):
             record["status"] = "out of memory"
     finally:
@@ -132,33 +143,48 @@ def run_method(name: str, method: Method, cfg: RunConfig, probe: MemoryProbe, ba
     return record
 
 
+def _merge_extra(values: list) -> dict:
+    """One extra measurement over the rounds: its summary, or the first round's error."""
+    errors = [v for v in values if isinstance(v, dict)]
+    if errors:
+        return {**errors[0], "failed_rounds": len(errors)}
+    return {"status": "ok", **summarize(values)}
+
+
 def merge_rounds(records: list[dict], tokens_per_step: int) -> dict:
-    """One record per method: step times pooled over the rounds, memory of the round with the highest peak."""
+    """One record per method: median, p20, p80 of the round samples (seconds per step), every sample, and
+    the memory of the round with the highest peak. Failed rounds are counted and the first one's error kept."""
     ok = [r for r in records if r.get("status") == "ok"]
     if not ok:
         return records[-1]
-    best = dict(max(ok, key=lambda r: r["memory_bytes"]["peak"]))
-    times = [t for r in ok for t in r["step_times_s"]]
-    best["step_times_s"] = times
-    best["median_step_s"] = statistics.median(times) if times else None
-    best["tokens_per_s"] = tokens_per_step / best["median_step_s"] if times else None
-    best["rounds"] = len(ok)
-    return best
+    merged = dict(max(ok, key=lambda r: r["memory_bytes"]["peak"]))
+    for key in ("sample", "step_times", "losses", "extras"):
+        merged.pop(key)
+    merged.update(summarize([r["sample"] for r in ok]), unit="s/step",
+                  step_times=[r["step_times"] for r in ok], losses=[x for r in ok for x in r["losses"]])
+    merged["tokens_per_s"] = tokens_per_step / merged["median"]
+    for extra in ok[0]["extras"]:
+        merged[extra] = _merge_extra([r["extras"][extra] for r in ok])
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        merged["failed_rounds"] = len(failed)
+        merged["failed_round_error"] = failed[0].get("error")
+    return merged
 
 
 def run_comparison(methods: dict[str, Method], cfg: RunConfig, timeline: RssTimeline | None = None) -> list[dict]:
     """Every method of ``methods`` on ``cfg.model``, in ``cfg.rounds`` interleaved rounds; one record each."""
     model_config(cfg.model)  # fail early on an unknown preset or path
     probe = MemoryProbe(cfg.device)
-    per_method: dict[str, list[dict]] = {name: [] for name in methods}
     primed: set[str] = set()
     total = cfg.rounds * len(methods) * (cfg.warmup + cfg.steps)
     with tqdm(total=total, desc=cfg.model, unit="step", leave=False, disable=None) as bar:
-        for _ in range(cfg.rounds):
-            for name, method in methods.items():
-                bar.set_postfix_str(name)
-                rec = run_method(name, method, cfg, probe, bar, primed, timeline)
-                if rec["status"] != "ok":
-                    bar.update(cfg.warmup + cfg.steps)
-                per_method[name].append(rec)
-    return [merge_rounds(recs, cfg.batch * cfg.seq) for recs in per_method.values()]
+        def one_round(method: Method) -> dict:
+            bar.set_postfix_str(method.name)
+            rec = run_method(method, cfg, probe, bar, primed, timeline)
+            if rec["status"] != "ok":
+                bar.update(cfg.warmup + cfg.steps)
+            return rec
+
+        rounds = interleave({name: (lambda m=m: one_round(m)) for name, m in methods.items()}, cfg.rounds)
+    return [merge_rounds(recs, cfg.batch * cfg.seq) for recs in rounds.values()]

@@ -8,6 +8,10 @@
 - ``zo2-offload``, ``zo2-offload-amp``: the same step with the transformer blocks streamed through the
   device by ``zo2.offload`` (AMP: blocks computed in bf16, or fp16 on GPUs without bf16).
 - ``forward``: two forward passes, the floor of any two-point zeroth-order step (not in the default set).
+
+Each method is one :class:`~memtrain.bench.methods.Method`: its set-up and its memory plan side by side.
+The offload methods also time the engine's transfers alone once per round (``engine.time_transfers()``),
+from which the run reports the share of the transfer time hidden behind compute.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import zo2
 
 from .methods import Method, Runner, Workload, lm_loss
+from .planner import PlanInput, backward_parts, forward_only_parts, offload_parts
 
 LR, EPS = 1e-7, 1e-3
 
@@ -30,7 +35,7 @@ def _closure(w: Workload):
     return closure
 
 
-def _first_order(make_opt) -> callable:
+def _first_order(make_opt):
     def setup(w: Workload) -> Runner:
         w.model.train()
         opt = make_opt(w.params)
@@ -111,29 +116,53 @@ def plan_fields(plan) -> dict:
     return {**{n: getattr(plan, n) for n in names}, "text": str(plan)}
 
 
+TRANSFERS_UNAVAILABLE = ("zo2's offload engine has no time_transfers() in this build: the transfer time alone "
+                         "(and the share of it hidden behind compute) is not measured")
+
+
+def transfer_timer(engine) -> tuple[dict, dict]:
+    """(extra timings, info) for an offload engine: ``engine.time_transfers()`` timed per round when the engine
+    has it, else an 'unavailable' record under ``transfers``."""
+    try:
+        time_transfers = engine.time_transfers
+    except AttributeError:
+        return {}, {"transfers": {"status": "unavailable", "error": TRANSFERS_UNAVAILABLE}}
+    return {"transfers": lambda: float(time_transfers())}, {}
+
+
 def _offload(amp: bool):
     def setup(w: Workload) -> Runner:
         w.model.eval()
         opt = zo2.ZOSGD(w.params, lr=LR, eps=EPS, seed=0)
-        engine = zo2.offload(w.model, opt, device=w.device, amp=amp_mode(w.device) if amp else None, verbose=False)
+        engine = zo2.offload(w.model, opt, device=w.device, amp=amp_mode(w.device) if amp else None,
+                             prefetch=w.options.get("prefetch", 1), verbose=False)
         closure = _closure(w)
 
         def close() -> None:
             opt.flush()
             engine.detach()
 
-        return Runner(lambda: float(opt.step(closure)), close, {"offload_plan": plan_fields(engine.plan)})
+        timings, info = transfer_timer(engine)
+        return Runner(lambda: float(opt.step(closure)), close, {"offload_plan": plan_fields(engine.plan), **info},
+                      timings)
 
     return setup
 
 
-ZO_METHODS: dict[str, Method] = {
-    "adamw": Method(_first_order(lambda ps: torch.optim.AdamW(ps, lr=1e-5)), "AdamW (first order)"),
-    "sgd": Method(_first_order(lambda ps: torch.optim.SGD(ps, lr=1e-5)), "SGD (first order)"),
-    "mezo": Method(_mezo, "textbook MeZO"),
-    "zo2": Method(_zo2, "zo2.ZOSGD"),
-    "zo2-offload": Method(_offload(False), "zo2 + offload", host_model=True),
-    "zo2-offload-amp": Method(_offload(True), "zo2 + offload + AMP", host_model=True),
-    "forward": Method(_forward, "two forward passes"),
-}
+def _adamw_plan(i: PlanInput) -> dict[str, int]:
+    s, b = i.shape, i.bytes
+    return {**backward_parts(i), "optimizer state": 2 * s.trainable * b, "update temporaries": s.largest * b}
+
+
+ZO_METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("adamw", "AdamW (first order)", _first_order(lambda ps: torch.optim.AdamW(ps, lr=1e-5)), _adamw_plan),
+    Method("sgd", "SGD (first order)", _first_order(lambda ps: torch.optim.SGD(ps, lr=1e-5)), backward_parts),
+    # MeZO's noise: z and the two temporaries of p.data + scale·z·ε for the largest parameter
+    Method("mezo", "textbook MeZO", _mezo, lambda i: forward_only_parts(i, noise_values=3 * i.shape.largest)),
+    Method("zo2", "zo2.ZOSGD", _zo2, forward_only_parts),  # z is generated inside the kernel, never stored
+    Method("zo2-offload", "zo2 + offload", _offload(False), lambda i: offload_parts(i, amp=False), host_model=True),
+    Method("zo2-offload-amp", "zo2 + offload + AMP", _offload(True), lambda i: offload_parts(i, amp=True),
+           host_model=True),
+    Method("forward", "two forward passes", _forward, forward_only_parts),
+)}
 DEFAULT_ZO = ["adamw", "sgd", "mezo", "zo2", "zo2-offload", "zo2-offload-amp"]

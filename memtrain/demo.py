@@ -9,8 +9,6 @@ memory are printed, and the held-out loss goes down.
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
 import time
 
 import torch
@@ -18,6 +16,7 @@ from tqdm import tqdm
 from transformers import OPTConfig, OPTForCausalLM
 
 import zo2
+from memtrain.memory import peak_rss_bytes
 
 VOCAB = 64
 
@@ -31,9 +30,8 @@ def arithmetic_sequences(n: int, seed: int, length: int = 24) -> torch.Tensor:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    """Peak resident memory of this process, MiB (memtrain.memory, the same counter the benchmarks read)."""
+    return peak_rss_bytes() / 2**20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,14 +13,10 @@ On CUDA the Triton kernel's bandwidth is reported against a device-to-device cop
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from _harness import environment, interleaved, print_table, write_json
-
+from memtrain.bench._harness import interleaved, print_table, provenance, write_json
 from memtrain.kernels.zo_perturb import zo_perturb_
 
 
@@ -51,20 +47,20 @@ def main() -> None:
         "copy (memory floor)": lambda: other.copy_(p),
     }
     stats = interleaved(methods, args.rounds, args.warmup, args.device)
-    floor = stats["copy (memory floor)"]["median_s"]
+    floor = stats["copy (memory floor)"]["median"]
     bytes_moved = 2 * p.numel() * p.element_size()
     rows = []
     for name, s in stats.items():
-        t = s["median_s"]
+        t = s["median"]
         rows.append([name, 1e3 * t, p.numel() / t / 1e6, bytes_moved / t / 1e9, floor / t])
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
     print_table(f"{args.numel / 1e6:.0f} M {args.dtype} elements on {args.device} (threads: {threads})",
                 ["method", "median ms", "M elem/s", "GB/s (r+w)", "copy time / time"], rows)
     write_json(f"zo_perturb_{args.device.split(':')[0]}_{args.dtype}", {
         "benchmark": "zo_perturb", "config": vars(args),
-        "results": {name: {**s, "elements_per_s": p.numel() / s["median_s"], "fraction_of_copy_bandwidth":
-                           floor / s["median_s"]} for name, s in stats.items()},
-        "environment": environment(args.device),
+        "results": {name: {**s, "elements_per_s": p.numel() / s["median"], "fraction_of_copy_bandwidth":
+                           floor / s["median"]} for name, s in stats.items()},
+        **provenance(args.device),
     }, args.out)
 
 

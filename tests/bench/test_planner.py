@@ -3,12 +3,11 @@
 import pytest
 import torch
 
-from memtrain.bench.dp_methods import DP_METHODS
+from memtrain.bench.catalogue import METHODS, plan_method
 from memtrain.bench.memory import MemoryProbe
-from memtrain.bench.planner import model_shape, plan_method
+from memtrain.bench.planner import model_shape
 from memtrain.bench.presets import PRESETS
 from memtrain.bench.run import RunConfig, run_comparison
-from memtrain.bench.zo_methods import ZO_METHODS
 
 TINY = [name for name, p in PRESETS.items() if p.tiny]
 
@@ -17,12 +16,11 @@ TINY = [name for name, p in PRESETS.items() if p.tiny]
 def test_plan_within_25_percent_of_measured_peak(preset):
     if MemoryProbe("cpu").note:
         pytest.skip("the RSS peak cannot be reset on this platform")
-    methods = {**ZO_METHODS, **DP_METHODS}
     cfg = RunConfig(model=preset, batch=4, seq=128, dtype=torch.float32, device="cpu", steps=1, warmup=1,
                     trainable="linear")
     shape = model_shape(preset, "linear")
     errors, measured = {}, 0
-    for r in run_comparison(methods, cfg):
+    for r in run_comparison(METHODS, cfg):
         if r["status"] != "ok":
             continue  # e.g. Opacus on OPT; reported by the CLI, covered in test_cli.py
         measured += 1

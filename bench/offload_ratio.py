@@ -1,0 +1,47 @@
+"""The offload comparison of a ``zo`` run: offloaded step / plain ZOSGD step, and the transfer time hidden.
+
+When a run holds ``zo2`` and an offload method, both interleaved round by round, the report gives
+
+- ``ratio``: median offloaded step / median plain step, and ``round_ratios``: the same ratio round by
+  round (the two steps of a round saw the same load), summarised;
+- ``hidden_share``: the share of the transfer time that does not show up in the step,
+  ``1 - max(offloaded - plain, 0) / transfers``, where ``transfers`` is the median time of one step's
+  uploads and offloads of every block with no compute (``engine.time_transfers()``). None, with the
+  reason, when the engine cannot time its transfers.
+"""
+
+from __future__ import annotations
+
+from ._harness import summarize
+
+PLAIN = "zo2"
+OFFLOAD = ("zo2-offload", "zo2-offload-amp")
+
+
+def hidden_share(offloaded_s: float, plain_s: float, transfers_s: float) -> float:
+    """Share of the transfer time hidden behind compute: 1 - (offloaded - plain) / transfers alone."""
+    if transfers_s <= 0:
+        raise ValueError(f"hidden_share: the transfer time must be positive, got {transfers_s}")
+    return 1.0 - max(offloaded_s - plain_s, 0.0) / transfers_s
+
+
+def offload_comparisons(results: list[dict]) -> list[dict]:
+    """One comparison per (model, offload method) of ``results`` whose plain ``zo2`` record is ok as well."""
+    out = []
+    ok = {(r.get("model"), r["method"]): r for r in results if r.get("status") == "ok"}
+    for (model, method), off in ok.items():
+        plain = ok.get((model, PLAIN))
+        if method not in OFFLOAD or plain is None:
+            continue
+        comp = {"model": model, "method": method, "baseline": PLAIN, "ratio": off["median"] / plain["median"],
+                "round_ratios": None}
+        if len(off["samples"]) == len(plain["samples"]):  # pairs by round only when no round failed
+            comp["round_ratios"] = summarize([a / b for a, b in zip(off["samples"], plain["samples"], strict=True)])
+        transfers = off.get("transfers") or {"status": "unavailable", "error": "no transfer timing in this record"}
+        comp["transfers"] = transfers
+        if transfers.get("status") == "ok":
+            comp["hidden_share"] = hidden_share(off["median"], plain["median"], transfers["median"])
+        else:
+            comp["hidden_share"], comp["hidden_share_note"] = None, transfers.get("error")
+        out.append(comp)
+    return out
