@@ -30,8 +30,9 @@ A registration's *converter* is a class or a function:
 - a function ``converter(module) -> None`` that converts the module in place (the module already has
   its clip group as ``module._flashdp_group`` and its path as ``module._flashdp_name``).
 
-The newest registration for a class wins, so a user can replace a built-in. The registry is process-wide
-configuration (like Opacus's grad-sampler table); it holds no state of any model.
+The newest registration for a target wins, so a user can replace a built-in (``unregister_layer`` brings
+the earlier one back). The registry is process-wide configuration (like Opacus's grad-sampler table); it
+holds no state of any model.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 __all__ = ["LayerRegistration", "find_converter", "register_layer", "registrations", "supported_labels",
-           "supported_layers_markdown"]
+           "supported_layers_markdown", "unregister_layer"]
 
 Converter = type | Callable[[nn.Module], None]
 Target = type | str | Callable[[nn.Module], bool]
@@ -63,10 +64,7 @@ class LayerRegistration:
 
 
 _lock = threading.Lock()
-_by_class: dict[type, LayerRegistration] = {}
-_by_name: dict[str, LayerRegistration] = {}
-_predicates: list[LayerRegistration] = []
-_order: list[LayerRegistration] = []  # every registration in order, for the supported-layer list
+_stack: list[LayerRegistration] = []  # every registration, oldest first; the newest one for a target wins
 _dp_classes: set[type] = set()  # classes conversion produces: a module of such a class is converted already
 _generated: dict[tuple[type, type, bool], type] = {}
 
@@ -123,27 +121,48 @@ def register_layer(target: Target, converter: Converter | None = None, *, label:
         raise ValueError("flashdp.register_layer: keep_forward=True needs a class converter")
     reg = LayerRegistration(target, converter, label or _default_label(target), description, keep_forward)
     with _lock:
-        if isinstance(target, type):
-            _by_class[target] = reg
-        elif isinstance(target, str):
-            _by_name[target] = reg
-        else:
-            _predicates.insert(0, reg)
-        _order[:] = [r for r in _order if r.target is not target and r.target != target] + [reg]
+        _stack.append(reg)
         if isinstance(converter, type):
             _dp_classes.add(converter)
     return None
 
 
-def registrations() -> list[LayerRegistration]:
-    """Every current registration, oldest first (built-ins first)."""
+def unregister_layer(target: Target) -> LayerRegistration:
+    """Remove the newest registration for ``target`` (an earlier one, e.g. the built-in, applies again)."""
     with _lock:
-        return list(_order)
+        for i in range(len(_stack) - 1, -1, -1):
+            if _same_target(_stack[i].target, target):
+                return _stack.pop(i)
+    raise KeyError(f"flashdp.registry.unregister_layer: nothing is registered for {target!r}")
+
+
+def _same_target(a: Target, b: Target) -> bool:
+    return a is b or (type(a) is type(b) and isinstance(a, (type, str)) and a == b)
+
+
+def registrations() -> list[LayerRegistration]:
+    """The registrations in effect (the newest for each target), in the order their targets were registered."""
+    with _lock:
+        active: dict[int, LayerRegistration] = {}
+        firsts: list[Target] = []
+        for reg in _stack:
+            for j, t in enumerate(firsts):
+                if _same_target(t, reg.target):
+                    active[j] = reg
+                    break
+            else:
+                active[len(firsts)] = reg
+                firsts.append(reg.target)
+        return [active[j] for j in range(len(firsts))]
 
 
 def _lookup_class(cls: type) -> LayerRegistration | None:
-    reg = _by_class.get(cls)
-    return reg if reg is not None else _by_name.get(_qualname(cls))
+    """The newest registration whose target is ``cls`` or its qualified name (call with the lock held)."""
+    name = _qualname(cls)
+    for reg in reversed(_stack):
+        if reg.target is cls or (isinstance(reg.target, str) and reg.target == name):
+            return reg
+    return None
 
 
 def find_converter(module: nn.Module) -> Converter | None:
@@ -159,7 +178,7 @@ def find_converter(module: nn.Module) -> Converter | None:
             if base is cls or cls.forward is base.forward:
                 return _converter_for(cls, reg)
             break  # a subclass with its own forward: not covered by its base's registration
-        predicates = list(_predicates)
+        predicates = [r for r in reversed(_stack) if not isinstance(r.target, (type, str))]
     for reg in predicates:
         if reg.target(module):
             with _lock:
