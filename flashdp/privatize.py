@@ -1,11 +1,14 @@
 """``make_private``: turn a model's supported modules into DP layers in place, refuse everything else.
 
-Conversion swaps each supported module's class for a DP subclass (``DPLinear`` for ``nn.Linear``, a
-generated ``DP<Name>`` for Hugging Face classes) whose forward routes through a DP autograd Function.
+Conversion follows the layer registry (:mod:`flashdp.registry`): each matched module's class is swapped
+for a DP subclass (``DPLinear`` for ``nn.Linear``, a generated ``DP<Name>`` for Hugging Face classes)
+whose forward routes through a DP autograd Function.
 Parameters, buffers, ``state_dict`` keys, hooks and ``isinstance`` checks are unchanged, so an optimizer
 built before or after sees the same tensors. Modules sharing a trainable parameter (a tied embedding and
 LM head) form one clip group. Every trainable parameter also gets a hook that fails loudly if autograd
 ever produces a gradient for it outside a DP layer (an unclipped gradient would silently break DP).
+The model's :class:`PrivacyState` owns everything that changes while it runs (a
+:class:`~flashdp.runtime.Runtime`), so two private models share nothing.
 """
 
 from __future__ import annotations
@@ -122,9 +125,10 @@ def make_private(
     sample dimension.
 
     Args:
-        model: any module whose trainable parameters all live in supported modules (nn.Linear, nn.Embedding,
-            nn.LayerNorm, nn.RMSNorm, Hugging Face Llama-style ``*RMSNorm``, GPT-2 ``Conv1D``, registered
-            layers). Frozen parameters are ignored (LoRA works).
+        model: any module whose trainable parameters all live in modules the layer registry matches
+            (``flashdp.registry``: nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, Hugging Face Llama-style
+            ``*RMSNorm``, GPT-2 ``Conv1D``, OPT's positional embedding, and ``@flashdp.register_layer`` layers).
+            Frozen parameters are ignored (LoRA works).
         max_grad_norm: C, the bound on the whole per-sample gradient's norm; each of the L groups gets
             ``C_l = C/√L`` unless overridden.
         group_max_grad_norms: per-group thresholds C_l, by the path of any module in the group (a mapping, or
