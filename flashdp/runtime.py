@@ -51,6 +51,16 @@ class Runtime:
         self._passes: dict[int, _Pass] = {}
         self.logged_paths: set[tuple[str, str]] = set()  # (layer, path) already reported by the dispatcher
 
+    def __deepcopy__(self, memo: dict) -> Runtime:
+        """A copied model starts with no forward or backward pass running: a fresh Runtime."""
+        return Runtime()
+
+    def __getstate__(self) -> dict:
+        return {}  # nothing of a running pass survives pickling
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     # -- forward ---------------------------------------------------------------------------------------
     def _stack(self) -> list[int | None]:
         stack = getattr(self._local, "batch", None)

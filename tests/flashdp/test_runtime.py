@@ -1,6 +1,7 @@
 """Per-model running state: two private models in two threads keep their own batch sizes and backward
 bookkeeping, and a backward pass leaves nothing behind."""
 
+import copy
 import threading
 
 import pytest
@@ -93,3 +94,15 @@ def test_records_of_passes_that_raised_are_bounded():
         with pytest.raises(flashdp.FlashDPError, match="dim 0"):
             model(torch.randn(4, 5, 3)).sum().backward()
     assert len(runtime._passes) <= MAX_OPEN_PASSES
+
+
+def test_deepcopy_of_a_private_model_gets_its_own_runtime():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    flashdp.make_private(model, 0.5)
+    twin = copy.deepcopy(model)
+    assert flashdp.privacy_state(twin).runtime is not flashdp.privacy_state(model).runtime
+    x = torch.randn(5, 3)
+    for m in (model, twin):
+        m(x).pow(2).sum().backward()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
