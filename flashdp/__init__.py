@@ -10,13 +10,17 @@ from .accounting import PrivacyAccountant, get_noise_multiplier
 from .data import poisson_loader
 from .distributed import DistributedDataParallel
 from .errors import FlashDPError, ModelChangedError, UnsupportedModuleError
+from .groups import Component, Use
+from .layers_common import LayerCall, layer_call
 from .layers_embedding import DPEmbedding
 from .layers_linear import DPLinear
 from .layers_norm import DPLayerNorm, DPRMSNorm
 from .optimizer import DPOptimizer
-from .privatize import make_private, privacy_state, register_layer
+from .privatize import make_private, privacy_state
+from .registry import register_layer
 
 __all__ = [
+    "Component",
     "DPEmbedding",
     "DPLayerNorm",
     "DPLinear",
@@ -26,10 +30,13 @@ __all__ = [
     "DPTrainingArguments",
     "DistributedDataParallel",
     "FlashDPError",
+    "LayerCall",
     "ModelChangedError",
     "PrivacyAccountant",
     "UnsupportedModuleError",
+    "Use",
     "get_noise_multiplier",
+    "layer_call",
     "make_private",
     "poisson_loader",
     "privacy_state",

@@ -11,24 +11,46 @@ Choice on CPU (measured on the 2-core machine, bench/kernels/bench_dp_clip_once.
 whenever it has fewer flops than the direct form; it beat ``once`` on every transformer shape measured
 (512×512: 38 vs 45 ms, 512×1376: 92 vs 121 ms, 512×32000: 1705 vs 4579 ms; the per-sample ``bmm`` with
 K=T=128 runs at about half the speed of the one big GEMM). ``once`` otherwise (short-T, small layers).
-On CUDA: the cooperative single pass where the layer's tiles fit co-resident, else ghost/direct by flops.
+On CUDA: the cooperative single pass for the layers it serves (:func:`cuda_once_serves`), else
+ghost/direct by flops.
 
-Force a path with ``with flashdp.dispatch.force_path("ghost"): ...`` or ``FLASHDP_PATH=ghost``.
+Force a path with ``with flashdp.dispatch.force_path("ghost"): ...`` or ``FLASHDP_PATH=ghost``. The
+override is per thread (a context variable); a layer whose forward ran inside the block keeps it for its
+backward, also when the backward runs in an autograd worker thread.
+
+Which path each layer takes is logged once per layer and path at DEBUG level on the ``"flashdp"`` logger
+(``logging.getLogger("flashdp").setLevel(logging.DEBUG)``); ``python -m memtrain.env_report`` prints the
+rules (:func:`describe_rules`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
+import inspect
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import torch
+
+from memtrain.kernels.dp_clip_once import cuda_once_fits
 from memtrain.kernels.dp_linear_norms import ghost_is_cheaper
 
-__all__ = ["PATHS", "choose_path", "force_path"]
+__all__ = ["PATHS", "UNSET", "choose_path", "cuda_once_serves", "describe_rules", "force_path", "log_choice"]
 
 PATHS = ("once", "ghost", "direct")
-_forced: list[str] = []
+logger = logging.getLogger("flashdp")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()  # no force_path block is active
+_FORCED: contextvars.ContextVar[str | _Unset | None] = contextvars.ContextVar("flashdp_forced_path", default=UNSET)
 
 
 @contextlib.contextmanager
@@ -36,16 +58,19 @@ def force_path(path: str | None) -> Iterator[None]:
     """Force every DP Linear-like layer to use ``path`` (one of PATHS) inside the block; None: automatic."""
     if path is not None and path not in PATHS:
         raise ValueError(f"flashdp.dispatch.force_path: unknown path {path!r}; choose from {PATHS}")
-    _forced.append(path)
+    token = _FORCED.set(path)
     try:
         yield
     finally:
-        _forced.pop()
+        _FORCED.reset(token)
 
 
-def _forced_path() -> str | None:
-    if _forced and _forced[-1] is not None:
-        return _forced[-1]
+def captured_override() -> str | _Unset | None:
+    """The force_path override active now (UNSET outside any block); DP layers keep it from their forward."""
+    return _FORCED.get()
+
+
+def _env_path() -> str | None:
     env = os.environ.get("FLASHDP_PATH")
     if env:
         if env not in PATHS:
@@ -63,6 +88,69 @@ def _auto(device_type: str, T: int, d_in: int, d_out: int, cuda_once: bool) -> s
     return "ghost" if ghost_is_cheaper(T, d_in, d_out) else "once"
 
 
-def choose_path(device_type: str, T: int, d_in: int, d_out: int, cuda_once: bool = False) -> str:
-    """The path for a layer of this shape (forced path first, then the cached automatic choice)."""
-    return _forced_path() or _auto(device_type, T, d_in, d_out, cuda_once)
+def choose_path(device_type: str, T: int, d_in: int, d_out: int, cuda_once: bool = False, *,
+                captured: str | _Unset | None = UNSET) -> str:
+    """The path for a layer of this shape: a force_path block active now, else the one ``captured`` at the
+    layer's forward, else ``FLASHDP_PATH``, else the cached automatic choice."""
+    forced = _FORCED.get()
+    if forced is UNSET:
+        forced = captured
+    if forced is UNSET or forced is None:
+        forced = _env_path()
+    return forced or _auto(device_type, T, d_in, d_out, cuda_once)
+
+
+@functools.cache
+def _fits_checks_layer() -> bool:
+    """Whether ``cuda_once_fits`` takes the layer's dtype, bias and layout (and so says itself what it serves)."""
+    try:
+        names = inspect.signature(cuda_once_fits).parameters
+    except (TypeError, ValueError):
+        return False
+    return {"dtype", "has_bias", "layout"} <= names.keys()
+
+
+def cuda_once_serves(d_out: int, d_in: int, device: torch.device, *, dtype: torch.dtype, has_bias: bool,
+                     layout: str, fits: Callable[..., bool] | None = None) -> bool:
+    """Whether the cooperative CUDA kernel serves this layer (the "once" path on CUDA).
+
+    A kernel whose ``cuda_once_fits`` takes ``dtype``, ``has_bias`` and ``layout`` answers for itself. An
+    older one only knows about tile counts, and serves fp32, weight-only layers with nn.Linear's (out, in)
+    layout; anything else (bf16, a bias, GPT-2 Conv1D's (in, out) weight) goes to the two-pass path.
+    ``fits`` replaces ``memtrain.kernels.dp_clip_once.cuda_once_fits`` (tests).
+    """
+    if fits is None:
+        fits, checks_layer = cuda_once_fits, _fits_checks_layer()
+    else:
+        checks_layer = {"dtype", "has_bias", "layout"} <= inspect.signature(fits).parameters.keys()
+    if checks_layer:
+        return bool(fits(d_out, d_in, device, dtype=dtype, has_bias=has_bias, layout=layout))
+    if dtype != torch.float32 or has_bias or layout != "out_in":
+        return False
+    return bool(fits(d_out, d_in, device))
+
+
+def log_choice(seen: set[tuple[str, str]], name: str, path: str, detail: str) -> None:
+    """Log (DEBUG, logger "flashdp") the path a layer takes, once per (layer, path) in ``seen``."""
+    key = (name, path)
+    if key in seen or not logger.isEnabledFor(logging.DEBUG):
+        return
+    seen.add(key)
+    logger.debug("flashdp: layer %s clips on the %r path (%s)", name, path, detail)
+
+
+def describe_rules() -> dict[str, str]:
+    """The dispatch rule per device, in words (for ``python -m memtrain.env_report``)."""
+    forced = os.environ.get("FLASHDP_PATH")
+    kernel = ("decides itself (cuda_once_fits takes dtype/has_bias/layout)" if _fits_checks_layer()
+              else "fp32, weight-only, (out, in) layout only (flashdp's guard; cuda_once_fits checks tile counts)")
+    rules = {
+        "cpu": "ghost norms + one row-scaled GEMM when 2·T² < d_in·d_out (ghost_is_cheaper), else 'once' "
+               "(per-sample tiles in cache-sized chunks)",
+        "cuda": f"'once' (cooperative single-pass kernel) for the layers it serves: {kernel}, and whose tiles fit "
+                "co-resident; else ghost when 2·T² < d_in·d_out, else direct norms; then one row-scaled GEMM",
+        "tied groups": "per-use norms (ghost or direct by flops) + Gram cross terms, one clip for all uses",
+    }
+    if forced:
+        rules["forced"] = f"FLASHDP_PATH={forced}: every layer takes this path"
+    return rules

@@ -8,9 +8,10 @@
 Each rank clips its own samples inside its layers' backward (per-sample clipping needs nothing from the
 other ranks); DDP's all-reduce, overlapped with the backward as usual, then sums (not averages) the
 clipped sums, so after backward every rank holds Σ over the global batch. ``DPOptimizer.step`` sees that
-DDP already reduced the gradients and skips its own all-reduce; rank 0 draws the noise (from the
-optimizer's seed) and broadcasts it, so noise is added once for the global batch. The sum is divided by
-``expected_batch_size``, which must be the global expected batch size (all ranks together).
+DDP already reduced the gradients and skips its own all-reduce; rank 0's noise keys (from its seed) are
+broadcast and every rank adds the same counter-based noise to its identical sums, so noise is added once
+for the global batch. The sum is divided by ``expected_batch_size``, which must be the global expected
+batch size (all ranks together).
 
 Plain ``torch.nn.parallel.DistributedDataParallel`` also gives the right update (DDP averages, then
 DPOptimizer's own all-reduce sums the averages), at the cost of a second all-reduce per step.

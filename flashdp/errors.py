@@ -16,15 +16,16 @@ class UnsupportedModuleError(FlashDPError, ValueError):
         modules: ``[(path, class name, [parameter names])]`` of every offending module.
     """
 
-    def __init__(self, modules: list[tuple[str, str, list[str]]]):
+    def __init__(self, modules: list[tuple[str, str, list[str]]], supported: list[str] | None = None):
         self.modules = modules
         lines = [f"  - {path or '<root>'} ({cls}): trainable {', '.join(names)}" for path, cls, names in modules]
+        listed = f" Supported (flashdp's layer registry): {'; '.join(supported)}." if supported else ""
         super().__init__(
             "flashdp.make_private: these modules have trainable parameters that flashdp cannot clip per sample:\n"
             + "\n".join(lines)
             + "\nFix: freeze them (`p.requires_grad_(False)` for each parameter listed), or register a DP "
-            "implementation with `flashdp.register_layer(ModuleClass, converter)`. Supported: nn.Linear, "
-            "nn.Embedding, nn.LayerNorm, nn.RMSNorm, Hugging Face *RMSNorm (Llama-style) and GPT-2 Conv1D."
+            "implementation with `@flashdp.register_layer(ModuleClass)` (docs/flashdp.md, \"Adding a layer\")."
+            + listed
         )
 
 

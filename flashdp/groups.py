@@ -11,7 +11,8 @@ per-sample squared norm of its contribution, its pieces for cross terms, and acc
   before any is clipped: ``‖Σ_u g_u‖² = Σ_u ‖g_u‖² + 2 Σ_{u<v} ⟨g_u, g_v⟩``. The group counts its
   uses in forward and defers the earlier uses until the last one arrives; the cross terms come from
   T×T Gram products of the factored forms (``g = Lᵀ R``), so no per-sample gradient is materialised.
-  Anything still pending when the backward pass ends is flushed by an engine callback.
+  Anything still pending when the backward pass ends is flushed by an engine callback (the group's
+  :class:`~flashdp.runtime.Runtime`, shared by the groups of one private model, keeps that bookkeeping).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from memtrain.kernels.dp_clip_accumulate import clip_factors
 
 from .errors import FlashDPError
+from .runtime import Runtime
 
 __all__ = ["ClipGroup", "Component", "Use", "batch_scale"]
 
@@ -103,9 +105,6 @@ def grad_buffer(p: Tensor) -> Tensor:
     return p.grad
 
 
-# ----------------------------------------------------------------------------------------------
-# Loss reduction scale and per-backward bookkeeping.
-
 def batch_scale(batch_size: int, reduction: str = "mean") -> float:
     """Factor from a raw per-sample gradient to the sample's gradient (DESIGN: scaled by the batch size).
 
@@ -113,39 +112,6 @@ def batch_scale(batch_size: int, reduction: str = "mean") -> float:
     ``"sum"``: the contribution as is.
     """
     return float(batch_size) if reduction == "mean" else 1.0
-
-
-# Groups with deferred uses, by the autograd graph task (backward pass) they belong to. Passes are told
-# apart by the engine's graph-task id, so a nested backward (reentrant checkpointing) flushes only its own
-# groups, and the batch-size check is per pass.
-_pending: dict[ClipGroup, int] = {}
-_batch_of_task: dict[int, int | None] = {}
-
-
-def _end_of_backward(task: int) -> None:
-    _batch_of_task.pop(task, None)
-    for g, t in list(_pending.items()):
-        if t == task:
-            g.finalize()
-
-
-def _note_backward(batch_size: int, where: str) -> int:
-    """Queue the end-of-backward flush once per pass and check all DP layers agree on the batch size."""
-    task = torch._C._current_graph_task_id()
-    if task < 0:  # not inside an engine run (a direct call)
-        return task
-    if task not in _batch_of_task:
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: _end_of_backward(task))
-        _batch_of_task[task] = batch_size
-    elif _batch_of_task[task] is not None and _batch_of_task[task] != batch_size:
-        seen = _batch_of_task[task]
-        _batch_of_task[task] = None  # report once
-        raise FlashDPError(
-            f"flashdp: {where} saw a batch of {batch_size} samples but another DP layer in the same backward pass "
-            f"saw {seen}. flashdp takes dim 0 of every DP layer's input as the sample dimension: keep inputs "
-            "batch-first (e.g. batch_first=True) and do not reshape the batch into other dims."
-        )
-    return task
 
 
 @dataclass(eq=False)
@@ -156,8 +122,10 @@ class ClipGroup:
     params: list[Tensor]
     max_norm: float = math.inf
     reduction: str = "mean"
+    runtime: Runtime = field(default_factory=Runtime)
     expected_uses: int = 0
     pending: list[Use] = field(default_factory=list)
+    pending_task: int | None = None  # the backward pass the pending uses belong to
     last_sq_norms: Tensor | None = None
 
     def note_forward(self) -> None:
@@ -166,20 +134,20 @@ class ClipGroup:
 
     def add_use(self, use: Use, where: str) -> None:
         """Called by a DP layer's backward; clips now, or later once every use of the pass has arrived."""
-        task = _note_backward(use.batch_size, where)
-        if self.pending and _pending.get(self) != task:
+        task = self.runtime.note_backward(use.batch_size, where)
+        if self.pending and self.pending_task != task:
             # uses left by a backward pass that raised before its end: void (that pass produced no step)
             self.pending = []
-            _pending.pop(self, None)
         self.pending.append(use)
+        self.pending_task = task
         if len(self.pending) >= max(self.expected_uses, 1):
             self.finalize()
         else:
-            _pending[self] = task
+            self.runtime.defer(self, task)
 
     def finalize(self) -> None:
-        uses, self.pending = self.pending, []
-        _pending.pop(self, None)
+        """Clip and accumulate every pending use together (the end of the group's part of a backward pass)."""
+        uses, self.pending, self.pending_task = self.pending, [], None
         if not uses:
             return
         self.expected_uses = max(0, self.expected_uses - len(uses))

@@ -1,40 +1,51 @@
-"""Helpers shared by the DP layers: autocast handling, batch-first flattening, tracking of uses."""
+"""What every DP layer does around its computation, in one helper: :func:`layer_call`.
+
+A DP layer's forward asks ``call = flashdp.layer_call(self, x)``. That does the bookkeeping every
+layer needs, so a layer author cannot forget part of it:
+
+1. the will-backward check: ``None`` when no trainable parameter of the layer takes part in a backward
+   pass (grad mode off, or everything frozen); run the plain forward then;
+2. the batch-dimension check (inputs must be batch-first), with an error naming the layer;
+3. ``note_forward()`` on the layer's clip group, so a group used several times (tied weights, a module
+   called twice) waits for all its uses before clipping; skipping it would silently clip each use alone;
+4. the number of samples in the input (an input of k·B rows under a model batch of B is the batch
+   flattened sample-major), and the layer's name for messages.
+
+The layer passes ``call`` to its autograd Function; in backward it hands the clip group its
+:class:`~flashdp.groups.Use` with ``call.add_use(use)`` and reshapes tensors per sample with
+``call.flatten(t)``. A complete example is in docs/flashdp.md ("Adding a layer").
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import dispatch
 from .errors import FlashDPError
-from .groups import ClipGroup
+from .groups import ClipGroup, Use
 
-__all__ = ["autocast_inputs", "dp_group", "flatten_batch", "model_batch", "sample_count", "trainable",
-           "will_backward"]
-
-# Batch size of the private model's current forward, set by a pre-hook make_private puts on the root module.
-_MODEL_BATCH: dict[str, int | None] = {"value": None}
+__all__ = ["LayerCall", "autocast_inputs", "dp_group", "flatten_batch", "layer_call", "trainable"]
 
 
-def model_batch() -> int | None:
-    """The batch size of the private model's forward now running (None outside one)."""
-    return _MODEL_BATCH["value"]
+def flatten_batch(t: Tensor, where: str, min_dim: int = 2, batch: int | None = None) -> Tensor:
+    """(B, *, d) → (B, T, d) with T the product of the middle dims (``batch`` samples if given, see
+    :meth:`flashdp.runtime.Runtime.sample_count`); refuse inputs without a batch dim."""
+    if t.dim() < min_dim:
+        raise _no_batch_dim(t, where)
+    B = t.shape[0] if batch is None else batch
+    d = t.shape[-1]
+    return t.reshape(B, t.numel() // (B * d) if B * d else 0, d)
 
 
-def sample_count(lead: int, where: str) -> int:
-    """Number of samples in a DP layer input whose dim 0 has size ``lead``.
-
-    Inside a forward of the private model with batch B, an input of ``k·B`` rows is the batch flattened
-    sample-major (``x.reshape(-1, d)`` of a (B, T, d) tensor, as OPT's decoder layers do): B samples of k rows.
-    """
-    B = _MODEL_BATCH["value"]
-    if B is None or lead == B or B == 0:
-        return lead
-    if lead > B and lead % B == 0:
-        return B
-    raise FlashDPError(
-        f"flashdp: {where} got an input with {lead} rows in dim 0 while the model's batch has {B} samples. flashdp "
-        "takes dim 0 of every DP layer's input as the sample dimension (or the batch flattened sample-major): keep "
-        "inputs batch-first (batch_first=True), and expand broadcast inputs to the batch."
+def _no_batch_dim(t: Tensor, where: str) -> FlashDPError:
+    return FlashDPError(
+        f"flashdp: {where} got an input of shape {tuple(t.shape)} without a batch dimension. DP layers need "
+        "batch-first inputs (B, ..., features) so that each sample's gradient can be clipped; add the batch "
+        "dimension (e.g. x.unsqueeze(0))."
     )
 
 
@@ -48,31 +59,82 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
-def flatten_batch(t: Tensor, where: str, min_dim: int = 2, batch: int | None = None) -> Tensor:
-    """(B, *, d) → (B, T, d) with T the product of the middle dims (``batch`` samples if given, see
-    :func:`sample_count`); refuse inputs without a batch dim."""
-    if t.dim() < min_dim:
-        raise FlashDPError(
-            f"flashdp: {where} got an input of shape {tuple(t.shape)} without a batch dimension. DP layers need "
-            "batch-first inputs (B, ..., features) so that each sample's gradient can be clipped; add the batch "
-            "dimension (e.g. x.unsqueeze(0))."
-        )
-    B = t.shape[0] if batch is None else batch
-    d = t.shape[-1]
-    return t.reshape(B, t.numel() // (B * d) if B * d else 0, d)
-
-
 def trainable(p: Tensor | None) -> bool:
     return p is not None and p.requires_grad
 
 
 def dp_group(module: nn.Module) -> ClipGroup:
+    """The clip group ``make_private`` gave ``module``."""
     group = module.__dict__.get("_flashdp_group")
     if group is None:
         raise FlashDPError(f"flashdp: {type(module).__name__} has no clip group; convert it with flashdp.make_private")
     return group
 
 
-def will_backward(*params: Tensor | None) -> bool:
-    """Whether this forward builds a graph through any trainable parameter (counts as a use of the group)."""
-    return torch.is_grad_enabled() and any(trainable(p) for p in params)
+@dataclass(eq=False)
+class LayerCall:
+    """One forward call of a DP layer that will take part in a backward pass (see :func:`layer_call`).
+
+    Attributes:
+        group: the layer's clip group.
+        name: the layer's path in the model (for messages).
+        batch_size: the number of samples in this call's input.
+        broadcast: the input has one row in dim 0 under a larger model batch (an input broadcast over the
+            batch, like GPT-2's ``position_ids``); the layer must expand it to ``batch_size`` rows so that each
+            sample keeps its own gradient (only when ``layer_call(..., allow_broadcast=True)``).
+    """
+
+    group: ClipGroup
+    name: str
+    batch_size: int
+    broadcast: bool = False
+    forced_path: Any = dispatch.UNSET  # a dispatch.force_path in effect during forward
+
+    def flatten(self, t: Tensor) -> Tensor:
+        """(B, *, d) → (B, T, d) with B = ``batch_size``: the per-sample rows of an input or output gradient."""
+        return flatten_batch(t, self.name, min_dim=1, batch=self.batch_size)
+
+    def add_use(self, use: Use) -> None:
+        """From the layer's backward: hand ``use`` to the clip group (clipped now, or with the group's other uses)."""
+        self.group.add_use(use, self.name)
+
+    def scratch(self) -> dict[str, Any]:
+        """From backward: a dict shared by the model's layers for the running backward pass (caches)."""
+        return self.group.runtime.scratch(self.batch_size, self.name)
+
+
+def layer_call(module: nn.Module, x: Tensor, params: tuple[Tensor | None, ...] | None = None, *,
+               min_dim: int = 2, allow_broadcast: bool = False) -> LayerCall | None:
+    """Start a forward call of a DP layer; ``None`` when it takes no part in a backward pass.
+
+    Args:
+        module: the DP layer (converted by ``make_private``).
+        x: the layer's input; dim 0 is the sample dimension.
+        params: the parameters this call uses (default: the module's own parameters).
+        min_dim: the smallest ``x.dim()`` that still has a batch dimension (2 for a Linear's (B, d) input;
+            1 for an embedding's (B,) ids; ``1 + len(normalized_shape)`` for a norm).
+        allow_broadcast: accept one row in dim 0 under a larger model batch (see ``LayerCall.broadcast``).
+
+    Returns:
+        ``None`` if grad mode is off or none of ``params`` is trainable (run the plain forward), else the
+        :class:`LayerCall` to pass to the layer's autograd Function.
+
+    Raises:
+        FlashDPError: ``x`` has no batch dimension, or its dim 0 does not match the model's batch, or the
+            module was not made private.
+    """
+    if params is None:
+        params = tuple(module._parameters.values())
+    if not (torch.is_grad_enabled() and any(trainable(p) for p in params)):
+        return None
+    where = module.__dict__.get("_flashdp_name", type(module).__name__)
+    if x.dim() < min_dim:
+        raise _no_batch_dim(x, where)
+    group = dp_group(module)
+    runtime = group.runtime
+    lead = x.shape[0]
+    model_batch = runtime.model_batch()
+    broadcast = allow_broadcast and lead == 1 and model_batch is not None and model_batch > 1
+    batch = model_batch if broadcast else runtime.sample_count(lead, where)
+    group.note_forward()
+    return LayerCall(group, where, batch, broadcast, dispatch.captured_override())

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .groups import ClipGroup, Component, Use, grad_buffer
-from .layers_common import dp_group, flatten_batch, model_batch, sample_count, will_backward
+from .groups import Component, Use, grad_buffer
+from .layers_common import LayerCall, layer_call
+from .registry import register_layer
 
 __all__ = ["DPEmbedding", "DPEmbeddingFunction", "EmbeddingUse"]
 
@@ -56,39 +57,44 @@ class DPEmbeddingFunction(torch.autograd.Function):
     """``F.embedding`` whose backward hands an :class:`EmbeddingUse` to the clip group."""
 
     @staticmethod
-    def forward(ctx, ids: Tensor, weight: Tensor, module: nn.Module, group: ClipGroup, where: str):
+    def forward(ctx, ids: Tensor, weight: Tensor, module: nn.Module, call: LayerCall):
         y = F.embedding(ids, weight, module.padding_idx, module.max_norm, module.norm_type,
                         module.scale_grad_by_freq, module.sparse)
         ctx.save_for_backward(ids)
-        ctx.batch = sample_count(ids.shape[0], where)
-        ctx.weight_p, ctx.group, ctx.where, ctx.padding_idx = weight, group, where, module.padding_idx
+        ctx.weight_p, ctx.call, ctx.padding_idx = weight, call, module.padding_idx
         return y
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (ids,) = ctx.saved_tensors
-        B = ctx.batch
+        call = ctx.call
+        B = call.batch_size
         ids2 = ids.reshape(B, ids.numel() // B if B else 0)
-        G = flatten_batch(grad_out, ctx.where, batch=B)
+        G = call.flatten(grad_out)
         if ctx.padding_idx is not None:
             G = G * (ids2 != ctx.padding_idx).unsqueeze(-1).to(G.dtype)
-        ctx.group.add_use(EmbeddingUse(ids2, G, ctx.weight_p), ctx.where)
-        return None, None, None, None, None
+        call.add_use(EmbeddingUse(ids2, G, ctx.weight_p))
+        return None, None, None, None
 
 
+@register_layer(nn.Embedding, description="`unique` over (sample, id) plus `index_add_`, O(B·T·d); clipped sum: "
+                "`index_add_` of scaled rows; padding_idx respected")
 class DPEmbedding(nn.Embedding):
     """An ``nn.Embedding`` whose backward clips each sample's gradient (same parameter, same keys)."""
 
     def forward(self, ids: Tensor) -> Tensor:
-        if not will_backward(self.weight):
+        call = layer_call(self, ids, (self.weight,), min_dim=1, allow_broadcast=True)
+        if call is None:
             return super().forward(ids)
-        where = self.__dict__.get("_flashdp_name", "Embedding")
-        flatten_batch(ids.unsqueeze(-1), where)  # raises on 0-d ids: there is no batch dimension
-        B = model_batch()
-        if B is not None and B > 1 and ids.shape[0] == 1:
+        if call.broadcast:
             # Broadcast ids (GPT-2's position_ids of shape (1, T)): the output would be broadcast over the batch
             # later, summing the samples' gradients; expand so each sample keeps its own rows.
-            ids = ids.expand(B, *ids.shape[1:])
-        group = dp_group(self)
-        group.note_forward()
-        return DPEmbeddingFunction.apply(ids, self.weight, self, group, where)
+            ids = ids.expand(call.batch_size, *ids.shape[1:])
+        return DPEmbeddingFunction.apply(ids, self.weight, self, call)
+
+
+# OPT's learned positional embedding computes positions from the attention mask, then calls
+# nn.Embedding.forward with batch-first (B, T) ids: its own forward is kept and reaches DPEmbedding's.
+register_layer("transformers.models.opt.modeling_opt.OPTLearnedPositionalEmbedding", DPEmbedding, keep_forward=True,
+               label="OPT's learned positional embedding (transformers)",
+               description="as nn.Embedding (OPT's own forward computes the positions)")

@@ -18,44 +18,56 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtrain.kernels.dp_clip_accumulate import clip_factors, dp_clip_accumulate_
-from memtrain.kernels.dp_clip_once import cuda_once_fits, dp_clip_once_
+from memtrain.kernels.dp_clip_once import dp_clip_once_
 from memtrain.kernels.dp_linear_norms import dp_linear_norms, ghost_is_cheaper, gram
 
-from .dispatch import choose_path
-from .groups import ClipGroup, Component, Use, grad_buffer
-from .layers_common import autocast_inputs, dp_group, flatten_batch, sample_count, trainable, will_backward
+from .dispatch import UNSET, choose_path, cuda_once_serves, log_choice
+from .groups import Component, Use, grad_buffer
+from .layers_common import LayerCall, autocast_inputs, layer_call, trainable
+from .registry import register_layer
 
 __all__ = ["DPConv1DMixin", "DPLinear", "DPLinearFunction", "LinearUse"]
 
 
-# Layers reading the same input (q/k/v projections, gate/up) share X_b X_bᵀ in the ghost norm: a tiny cache
-# of the last two Gram matrices, keyed by the input's storage, version and the backward pass. Measured on the
-# Llama-512 preset it removes 16% of the ghost-norm flops.
-# Entries keep X alive, so its storage cannot be reused by another tensor while the key can match.
-_GRAM_CACHE: list[tuple[tuple, Tensor, Tensor]] = []
+# Layers reading the same input (q/k/v projections, gate/up) share X_b X_bᵀ in the ghost norm: the last two Gram
+# matrices are cached for the backward pass (in the model's per-pass scratch, dropped when the pass ends), keyed
+# by the input's storage, layout and version. Measured on the Llama-512 preset it removes 16% of the ghost-norm
+# flops. Entries keep X alive, so its storage cannot be reused by another tensor while the key can match.
 _GRAM_CACHE_BYTES = 64 << 20
 
 
-def _x_gram(X: Tensor) -> Tensor | None:
+def _x_gram(X: Tensor, scratch: dict) -> Tensor | None:
     B, T, _ = X.shape
     if X.device.type != "cpu" or B * T * T * 4 > _GRAM_CACHE_BYTES:
         return None
-    key = (torch._C._current_graph_task_id(), X.data_ptr(), tuple(X.shape), tuple(X.stride()), X._version, X.dtype)
-    for k, _, g in _GRAM_CACHE:
+    key = (X.data_ptr(), tuple(X.shape), tuple(X.stride()), X._version, X.dtype)
+    cache = scratch.setdefault("x_gram", [])
+    for k, _, g in cache:
         if k == key:
             return g
     g = gram(X)
-    _GRAM_CACHE.append((key, X, g))
-    del _GRAM_CACHE[:-2]
+    cache.append((key, X, g))
+    del cache[:-2]
     return g
 
 
 class LinearUse(Use):
     """One backward of a Linear-like layer: ``grad_W_b = G_bᵀX_b`` (``layout="out_in"``) or ``X_bᵀG_b``."""
 
-    def __init__(self, G: Tensor, X: Tensor, weight: Tensor | None, bias: Tensor | None, layout: str):
+    def __init__(self, G: Tensor, X: Tensor, weight: Tensor | None, bias: Tensor | None, layout: str,
+                 call: LayerCall | None = None):
         self.G, self.X, self.weight, self.bias, self.layout = G, X, weight, bias, layout
         self.batch_size = G.shape[0]
+        self.call = call
+
+    def _describe(self) -> str:
+        T, d_in, d_out = self._w_shape()
+        return (f"{self.G.device.type}, T={T}, {d_out}x{d_in}, {self.G.dtype}, bias={self.bias is not None}, "
+                f"layout={self.layout}")
+
+    def _log(self, path: str, detail: str) -> None:
+        if self.call is not None:
+            log_choice(self.call.group.runtime.logged_paths, self.call.name, path, detail)
 
     def _w_shape(self) -> tuple[int, int, int]:
         return self.G.shape[1], self.X.shape[2], self.G.shape[2]
@@ -63,11 +75,12 @@ class LinearUse(Use):
     def sq_norms(self, method: str | None = None) -> Tensor:
         if self.weight is not None:
             T, d_in, d_out = self._w_shape()
-            if method is None:
+            if method is None:  # a use of a tied group: norms here, cross terms and the clip in the group
                 method = "ghost" if ghost_is_cheaper(T, d_in, d_out) else "direct"
-            xg = _x_gram(self.X) if method == "ghost" else None
+                self._log(method, f"{self._describe()}; tied group: {method} norms + Gram cross terms")
+            xg = _x_gram(self.X, self.call.scratch()) if method == "ghost" and self.call is not None else None
             return dp_linear_norms(self.G, self.X, with_bias=self.bias is not None, method=method, x_gram=xg)
-        return self.G.float().sum(1).square().sum(1)
+        return self.G.sum(1, dtype=torch.float32).square().sum(1)
 
     def accumulate(self, coef: Tensor) -> None:
         fresh = self.weight is not None and self.weight.grad is None
@@ -83,7 +96,7 @@ class LinearUse(Use):
             left, right = (self.G, self.X) if self.layout == "out_in" else (self.X, self.G)
             out.append(Component(self.weight, "factored", left=left, right=right))
         if self.bias is not None:
-            out.append(Component(self.bias, "dense", data=self.G.float().sum(1)))
+            out.append(Component(self.bias, "dense", data=self.G.sum(1, dtype=torch.float32)))
         return out
 
     def clip_and_accumulate(self, max_norm: float, scale: float) -> Tensor:
@@ -93,8 +106,11 @@ class LinearUse(Use):
             return sq
         T, d_in, d_out = self._w_shape()
         dev = self.G.device.type
-        once_ok = dev == "cuda" and cuda_once_fits(d_out, d_in, self.G.device)
-        path = choose_path(dev, T, d_in, d_out, once_ok)
+        once_ok = dev == "cuda" and cuda_once_serves(d_out, d_in, self.G.device, dtype=self.G.dtype,
+                                                     has_bias=self.bias is not None, layout=self.layout)
+        path = choose_path(dev, T, d_in, d_out, once_ok,
+                           captured=self.call.forced_path if self.call is not None else UNSET)
+        self._log(path, self._describe())
         if path == "once":
             gw = grad_buffer(self.weight)
             gb = grad_buffer(self.bias) if self.bias is not None else None
@@ -108,7 +124,7 @@ class DPLinearFunction(torch.autograd.Function):
     """``y = x Wᵀ + b`` (``layout="out_in"``, nn.Linear) or ``y = x W + b`` (``"in_out"``, GPT-2 Conv1D)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, group: ClipGroup, layout: str, where: str):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, call: LayerCall, layout: str):
         xc, wc, bc = autocast_inputs(x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             if layout == "out_in":
@@ -118,11 +134,10 @@ class DPLinearFunction(torch.autograd.Function):
                 if bc is not None:
                     y = y + bc
         ctx.save_for_backward(xc, wc)
-        ctx.group, ctx.layout, ctx.where = group, layout, where
+        ctx.call, ctx.layout = call, layout
         ctx.weight_p = weight if trainable(weight) else None
         ctx.bias_p = bias if trainable(bias) else None
         ctx.x_dtype = x.dtype
-        ctx.batch = sample_count(x.shape[0], where)
         return y
 
     @staticmethod
@@ -132,29 +147,32 @@ class DPLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(w if ctx.layout == "out_in" else w.t()).to(ctx.x_dtype)
         if ctx.weight_p is not None or ctx.bias_p is not None:
-            G = flatten_batch(grad_out, ctx.where, batch=ctx.batch)
-            X = flatten_batch(x, ctx.where, batch=ctx.batch)
+            call = ctx.call
+            G = call.flatten(grad_out)
+            X = call.flatten(x)
             if X.dtype != G.dtype:
                 X = X.to(G.dtype)
-            ctx.group.add_use(LinearUse(G, X, ctx.weight_p, ctx.bias_p, ctx.layout), ctx.where)
-        return grad_x, None, None, None, None, None
+            call.add_use(LinearUse(G, X, ctx.weight_p, ctx.bias_p, ctx.layout, call))
+        return grad_x, None, None, None, None
+
+
+def _plain_forward(x: Tensor, weight: Tensor, bias: Tensor | None, layout: str) -> Tensor:
+    if layout == "out_in":
+        return F.linear(x, weight, bias)
+    y = torch.matmul(x, weight)
+    return y + bias if bias is not None else y
 
 
 def _linear_forward(module: nn.Module, x: Tensor, layout: str) -> Tensor:
-    weight, bias = module.weight, module.bias
-    where = module.__dict__.get("_flashdp_name", type(module).__name__)
-    if not will_backward(weight, bias):
-        if layout == "out_in":
-            return F.linear(x, weight, bias)
-        y = torch.matmul(x, weight)
-        return y + bias if bias is not None else y
-    if x.dim() < 2:
-        flatten_batch(x, where)  # raises the no-batch-dimension error
-    group = dp_group(module)
-    group.note_forward()
-    return DPLinearFunction.apply(x, weight, bias, group, layout, where)
+    call = layer_call(module, x, (module.weight, module.bias))
+    if call is None:
+        return _plain_forward(x, module.weight, module.bias, layout)
+    return DPLinearFunction.apply(x, module.weight, module.bias, call, layout)
 
 
+@register_layer(nn.Linear, description="ghost norms ⟨GGᵀ, XXᵀ⟩, direct per-sample tiles, or \"once\" (dispatcher); "
+                "one GEMM over the B·T rows, scaling the narrower operand. Inputs 2-D, 3-D, 4-D…: middle dims are "
+                "flattened into T")
 class DPLinear(nn.Linear):
     """An ``nn.Linear`` whose backward clips each sample's weight+bias gradient (same parameters, same keys)."""
 
@@ -162,6 +180,8 @@ class DPLinear(nn.Linear):
         return _linear_forward(self, x, "out_in")
 
 
+@register_layer("transformers.pytorch_utils.Conv1D", label="GPT-2 Conv1D (transformers)",
+                description="as nn.Linear, with the weight laid out (in, out)")
 class DPConv1DMixin:
     """Mixed into Hugging Face's GPT-2 ``Conv1D`` (``y = x W + b`` with W of shape (in, out))."""
 

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .groups import ClipGroup, Component, Use, grad_buffer
-from .layers_common import dp_group, flatten_batch, sample_count, trainable, will_backward
+from .groups import Component, Use, grad_buffer
+from .layers_common import LayerCall, layer_call, trainable
+from .registry import register_layer
 
 __all__ = ["DPHFRMSNormMixin", "DPLayerNorm", "DPRMSNorm", "NormUse", "hf_rms_normalize"]
 
@@ -47,20 +48,19 @@ def _rows(t: Tensor, n: int, B: int) -> Tensor:
 
 def _per_sample(G: Tensor, xhat: Tensor, n: int, B: int) -> Tensor:
     """Σ over all non-batch, non-normalised positions of G ⊙ x̂: (B, n) fp32."""
-    return _rows(G.float() * xhat.float(), n, B).sum(1)
+    return _rows(G.float() * xhat.float(), n, B).sum(1)  # the product needs fp32 under bf16: no dtype= here
 
 
 class DPLayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, shape, eps, group: ClipGroup, where: str):
+    def forward(ctx, x, weight, bias, shape, eps, call: LayerCall):
         ctx.params = [weight if trainable(weight) else None, bias if trainable(bias) else None]
         if torch.is_autocast_enabled(x.device.type):  # layer_norm runs in fp32 under autocast
             x, weight, bias = (t.float() if t is not None else None for t in (x, weight, bias))
         with torch.autocast(x.device.type, enabled=False):
             y, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
-        ctx.shape, ctx.group, ctx.where = shape, group, where
-        ctx.batch = sample_count(x.shape[0], where) if x.dim() > len(shape) else 0
+        ctx.shape, ctx.call = shape, call
         return y
 
     @staticmethod
@@ -70,33 +70,31 @@ class DPLayerNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.native_layer_norm_backward(
                 G, x, ctx.shape, mean, rstd, weight, bias, [True, False, False])[0]
-        if x.dim() <= len(ctx.shape):
-            flatten_batch(x.new_empty(()), ctx.where, min_dim=1)  # raises: no batch dimension
         n = math.prod(ctx.shape)
+        B = ctx.call.batch_size
         pairs = []
         wp, bp = ctx.params
         if wp is not None:
-            pairs.append((wp, _per_sample(G, (x - mean) * rstd, n, ctx.batch)))
+            pairs.append((wp, _per_sample(G, (x - mean) * rstd, n, B)))
         if bp is not None:
-            pairs.append((bp, _rows(G.float(), n, ctx.batch).sum(1)))
+            pairs.append((bp, _rows(G, n, B).sum(1, dtype=torch.float32)))
         if pairs:
-            ctx.group.add_use(NormUse(pairs), ctx.where)
-        return grad_x, None, None, None, None, None, None
+            ctx.call.add_use(NormUse(pairs))
+        return grad_x, None, None, None, None, None
 
 
+_NORM_DOC = "dense (B, d) per-sample gradients; clipped sum: `coefᵀ · per-sample`"
+
+
+@register_layer(nn.LayerNorm, description=_NORM_DOC)
 class DPLayerNorm(nn.LayerNorm):
     """An ``nn.LayerNorm`` whose backward clips each sample's weight+bias gradient."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not will_backward(self.weight, self.bias):
+        call = layer_call(self, x, (self.weight, self.bias), min_dim=len(self.normalized_shape) + 1)
+        if call is None:
             return super().forward(x)
-        where = self.__dict__.get("_flashdp_name", "LayerNorm")
-        if x.dim() <= len(self.normalized_shape):
-            flatten_batch(x.new_empty(()), where, min_dim=1)
-        group = dp_group(self)
-        group.note_forward()
-        return DPLayerNormFunction.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps, group,
-                                         where)
+        return DPLayerNormFunction.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps, call)
 
 
 def hf_rms_normalize(x: Tensor, eps: float) -> Tensor:
@@ -115,7 +113,7 @@ class DPRMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, shape, eps, kind, group: ClipGroup, where: str):
+    def forward(ctx, x, weight, shape, eps, kind, call: LayerCall):
         dims = tuple(range(-len(shape), 0))
         if eps is None:
             eps = torch.finfo(x.dtype).eps
@@ -127,16 +125,13 @@ class DPRMSNormFunction(torch.autograd.Function):
             else:
                 y = F.rms_norm(x, shape, weight, eps)
         ctx.save_for_backward(x, weight, r)
-        ctx.shape, ctx.dims, ctx.group, ctx.where = shape, dims, group, where
-        ctx.batch = sample_count(x.shape[0], where) if x.dim() > len(shape) else 0
+        ctx.shape, ctx.dims, ctx.call = shape, dims, call
         ctx.weight_p = weight if trainable(weight) else None
         return y
 
     @staticmethod
     def backward(ctx, G):
         x, weight, r = ctx.saved_tensors
-        if x.dim() <= len(ctx.shape):
-            flatten_batch(x.new_empty(()), ctx.where, min_dim=1)
         xhat = x.to(torch.float32) * r
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -145,22 +140,19 @@ class DPRMSNormFunction(torch.autograd.Function):
         if ctx.weight_p is not None:
             n = math.prod(ctx.shape)
             xh = xhat.to(x.dtype) if x.dtype != torch.float32 else xhat  # the x̂ the weight multiplied
-            ctx.group.add_use(NormUse([(ctx.weight_p, _per_sample(G, xh, n, ctx.batch))]), ctx.where)
-        return grad_x, None, None, None, None, None, None
+            ctx.call.add_use(NormUse([(ctx.weight_p, _per_sample(G, xh, n, ctx.call.batch_size))]))
+        return grad_x, None, None, None, None, None
 
 
 def _rms_dp_forward(module: nn.Module, x: Tensor, shape: tuple[int, ...], eps: float | None, kind: str,
                     plain) -> Tensor:
-    if not will_backward(module.weight):
+    call = layer_call(module, x, (module.weight,), min_dim=len(shape) + 1)
+    if call is None:
         return plain(x)
-    where = module.__dict__.get("_flashdp_name", type(module).__name__)
-    if x.dim() <= len(shape):
-        flatten_batch(x.new_empty(()), where, min_dim=1)
-    group = dp_group(module)
-    group.note_forward()
-    return DPRMSNormFunction.apply(x, module.weight, shape, eps, kind, group, where)
+    return DPRMSNormFunction.apply(x, module.weight, shape, eps, kind, call)
 
 
+@register_layer(nn.RMSNorm, description=_NORM_DOC)
 class DPRMSNorm(nn.RMSNorm):
     """A ``torch.nn.RMSNorm`` whose backward clips each sample's weight gradient."""
 
@@ -173,6 +165,30 @@ def hf_rms_eps(module: nn.Module) -> float | None:
     return getattr(module, "eps", None) if eps is None else eps
 
 
+def _is_llama_rms_norm(module: nn.Module) -> bool:
+    """A Hugging Face ``*RMSNorm`` computing ``weight * normalize(x)`` in fp32 (Llama, Qwen2, Mistral...).
+
+    Duck-typed (a 1-d ``weight`` and ``variance_epsilon``/``eps``) and confirmed numerically on a random input:
+    Gemma's ``(1 + weight) * normalize(x)`` fails the probe and stays unsupported.
+    """
+    w = getattr(module, "weight", None)
+    if not (type(module).__name__.endswith("RMSNorm") and isinstance(w, torch.Tensor) and w.dim() == 1
+            and hf_rms_eps(module) is not None):
+        return False
+    gen = torch.Generator(device=w.device).manual_seed(0) if w.device.type in ("cpu", "cuda") else None
+    x = torch.randn(2, 3, w.shape[0], dtype=w.dtype, device=w.device, generator=gen)
+    with torch.no_grad():
+        try:
+            want = type(module).forward(module, x)
+            got = w * hf_rms_normalize(x, hf_rms_eps(module))
+            return want.shape == got.shape and torch.allclose(want.float(), got.float(), rtol=1e-3, atol=1e-3)
+        except Exception:  # a forward that cannot run on (2, 3, d) inputs is not Llama-style
+            return False
+
+
+@register_layer(_is_llama_rms_norm, label="Hugging Face Llama-style *RMSNorm (Llama, Qwen2, Mistral...)",
+                description=_NORM_DOC + "; accepted when a numerical probe confirms `forward(x) == weight * "
+                "normalize(x)` (Gemma's `(1 + weight)` is refused)")
 class DPHFRMSNormMixin:
     """Mixed into a Hugging Face Llama-style RMSNorm class (weight * normalize(x), fp32 maths)."""
 

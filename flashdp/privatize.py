@@ -1,72 +1,69 @@
 """``make_private``: turn a model's supported modules into DP layers in place, refuse everything else.
 
-Conversion swaps each supported module's class for a DP subclass (``DPLinear`` for ``nn.Linear``, a
-generated ``DP<Name>`` for Hugging Face classes) whose forward routes through a DP autograd Function.
+Conversion follows the layer registry (:mod:`flashdp.registry`): each matched module's class is swapped
+for a DP subclass (``DPLinear`` for ``nn.Linear``, a generated ``DP<Name>`` for Hugging Face classes)
+whose forward routes through a DP autograd Function.
 Parameters, buffers, ``state_dict`` keys, hooks and ``isinstance`` checks are unchanged, so an optimizer
 built before or after sees the same tensors. Modules sharing a trainable parameter (a tied embedding and
 LM head) form one clip group. Every trainable parameter also gets a hook that fails loudly if autograd
 ever produces a gradient for it outside a DP layer (an unclipped gradient would silently break DP).
+The model's :class:`PrivacyState` owns everything that changes while it runs (a
+:class:`~flashdp.runtime.Runtime`), so two private models share nothing.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import FlashDPError, UnsupportedModuleError
+from . import layers_embedding, layers_linear, layers_norm  # noqa: F401  (their built-in layers register)
+from .errors import FlashDPError, ModelChangedError, UnsupportedModuleError
 from .groups import ClipGroup
-from .layers_embedding import DPEmbedding
-from .layers_linear import DPConv1DMixin, DPLinear
-from .layers_norm import DPHFRMSNormMixin, DPLayerNorm, DPRMSNorm, hf_rms_eps, hf_rms_normalize
+from .registry import find_converter, register_layer, supported_labels
+from .runtime import Runtime
 
-__all__ = ["PrivacyState", "make_private", "privacy_state", "register_layer"]
+__all__ = ["PrivacyState", "make_private", "privacy_state", "register_layer", "state_of_parameter"]
 
-# Subclasses of a supported base whose own forward is known to reach the base's forward with
-# batch-first inputs (otherwise a subclass must not override forward).
-_ALLOWED_SUBCLASSES = {"OPTLearnedPositionalEmbedding"}
-
-_BASES: list[tuple[type[nn.Module], type[nn.Module]]] = [
-    (nn.Linear, DPLinear),
-    (nn.Embedding, DPEmbedding),
-    (nn.LayerNorm, DPLayerNorm),
-    (nn.RMSNorm, DPRMSNorm),
-]
-_registry: dict[type[nn.Module], Callable[[nn.Module], None]] = {}
-_generated: dict[type[nn.Module], type[nn.Module]] = {}
-_STATES: weakref.WeakSet = weakref.WeakSet()  # every live PrivacyState, for DPOptimizer to find its model's
-
-
-def register_layer(module_cls: type[nn.Module], converter: Callable[[nn.Module], None]) -> None:
-    """Register a DP implementation for ``module_cls``.
-
-    ``converter(module)`` must make the module's forward route every use of its trainable parameters
-    through a DP autograd Function that hands a :class:`flashdp.groups.Use` to
-    ``module._flashdp_group.add_use(...)`` in backward (see flashdp/layers_linear.py for the pattern).
-    """
-    _registry[module_cls] = converter
+# Which private model each trainable parameter belongs to, so DPOptimizer finds the state from the inner
+# optimizer's parameters alone. Weak both ways (a parameter → a weak reference to its state): an entry holds
+# nothing alive, and it names one model's state, so models share nothing through it.
+_owner: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_owner_lock = threading.Lock()
 
 
 @dataclass(eq=False)
 class PrivacyState:
-    """What ``make_private`` recorded on the model (``model._flashdp_state``)."""
+    """What ``make_private`` recorded on the model (``model._flashdp_state``), and the model's running state.
+
+    Attributes:
+        max_grad_norm: C.
+        groups: the clip groups, in the order of the model's modules.
+        param_names: ``id(p) → name`` of every trainable parameter (its first name in ``named_parameters``).
+        stream_ids: ``id(p) → i``, the parameter's position among the trainable parameters in
+            ``model.named_parameters()`` order (a tied parameter counted once): its noise stream id.
+        reduction: ``"mean"`` or ``"sum"``.
+        runtime: the forward/backward bookkeeping of this model (:class:`flashdp.runtime.Runtime`).
+    """
 
     max_grad_norm: float
     groups: list[ClipGroup]
     param_names: dict[int, str]
     reduction: str
+    runtime: Runtime = field(default_factory=Runtime)
+    stream_ids: dict[int, int] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
     grads_summed_by_ddp: bool = False  # set by flashdp.DistributedDataParallel: DPOptimizer skips its all-reduce
     model_ref: Callable[[], nn.Module | None] = lambda: None
 
     def check_unchanged(self) -> None:
         """Raise ModelChangedError if the model has trainable parameters make_private did not see."""
-        from .errors import ModelChangedError
-
         model = self.model_ref()
         if model is None:
             return
@@ -84,48 +81,11 @@ def privacy_state(model: nn.Module) -> PrivacyState | None:
     return model.__dict__.get("_flashdp_state")
 
 
-def _dp_class(module: nn.Module) -> type[nn.Module] | Callable[[nn.Module], None] | None:
-    cls = type(module)
-    for c in cls.__mro__:
-        if c in _registry:
-            return _registry[c]
-    if getattr(module, "_flashdp_group", None) is not None and cls.__name__.startswith("DP"):
-        return cls  # already converted (make_private called again)
-    for base, dp in _BASES:
-        if cls is base:
-            return dp
-        if isinstance(module, base) and (cls.forward is base.forward or cls.__name__ in _ALLOWED_SUBCLASSES):
-            return _generate(cls, (cls, dp))
-    name = cls.__name__
-    if name == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf"):
-        return _generate(cls, (DPConv1DMixin, cls))
-    if name.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor) and \
-            hf_rms_eps(module) is not None and _hf_rms_probe(module):
-        return _generate(cls, (DPHFRMSNormMixin, cls))
-    return None
-
-
-def _generate(cls: type[nn.Module], bases: tuple[type, ...]) -> type[nn.Module]:
-    if cls not in _generated:
-        _generated[cls] = type(f"DP{cls.__name__}", bases, {"__module__": __name__})
-        globals()[f"DP{cls.__name__}"] = _generated[cls]  # so pickle can find it in this process
-    return _generated[cls]
-
-
-def _hf_rms_probe(module: nn.Module) -> bool:
-    """Whether the module computes ``weight * normalize(x)`` (Llama-style), checked on a random input."""
-    w = module.weight
-    if w.dim() != 1:
-        return False
-    x = torch.randn(2, 3, w.shape[0], dtype=w.dtype, device=w.device, generator=torch.Generator().manual_seed(0)) \
-        if w.device.type == "cpu" else torch.randn(2, 3, w.shape[0], dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        try:
-            want = type(module).forward(module, x)
-        except Exception:
-            return False
-        got = w * hf_rms_normalize(x, hf_rms_eps(module))
-    return want.shape == got.shape and torch.allclose(want.float(), got.float(), rtol=1e-3, atol=1e-3)
+def state_of_parameter(p: torch.Tensor) -> PrivacyState | None:
+    """The privacy state of the live private model ``p`` belongs to, or None."""
+    with _owner_lock:
+        ref = _owner.get(p)
+    return ref() if ref is not None else None
 
 
 def _tied_components(owners: dict[int, list[str]], trainable_mods: list[str]) -> list[list[str]]:
@@ -165,9 +125,10 @@ def make_private(
     sample dimension.
 
     Args:
-        model: any module whose trainable parameters all live in supported modules (nn.Linear, nn.Embedding,
-            nn.LayerNorm, nn.RMSNorm, Hugging Face Llama-style ``*RMSNorm``, GPT-2 ``Conv1D``, registered
-            layers). Frozen parameters are ignored (LoRA works).
+        model: any module whose trainable parameters all live in modules the layer registry matches
+            (``flashdp.registry``: nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, Hugging Face Llama-style
+            ``*RMSNorm``, GPT-2 ``Conv1D``, OPT's positional embedding, and ``@flashdp.register_layer`` layers).
+            Frozen parameters are ignored (LoRA works).
         max_grad_norm: C, the bound on the whole per-sample gradient's norm; each of the L groups gets
             ``C_l = C/√L`` unless overridden.
         group_max_grad_norms: per-group thresholds C_l, by the path of any module in the group (a mapping, or
@@ -203,17 +164,18 @@ def make_private(
     converters: dict[str, object] = {}
     bad = []
     for path, mod in modules.items():
-        conv = _dp_class(mod)
+        conv = find_converter(mod)
         if conv is None:
             names = [n for n, p in mod._parameters.items() if p is not None and p.requires_grad]
             bad.append((path, type(mod).__name__, names))
         else:
             converters[path] = conv
     if bad:
-        raise UnsupportedModuleError(bad)
+        raise UnsupportedModuleError(bad, supported_labels())
 
     comps = _tied_components(owners, list(modules))
     L = len(comps)
+    runtime = Runtime()
     groups = []
     for paths in comps:
         gparams: dict[int, torch.Tensor] = {}
@@ -227,7 +189,8 @@ def make_private(
             if not math.isfinite(override) or override <= 0:
                 raise ValueError(f"flashdp.make_private: threshold for group {paths} must be > 0, got {override!r}")
             c_l = float(override)
-        group = ClipGroup(name="+".join(paths), params=list(gparams.values()), max_norm=c_l, reduction=loss_reduction)
+        group = ClipGroup(name="+".join(paths), params=list(gparams.values()), max_norm=c_l, reduction=loss_reduction,
+                          runtime=runtime)
         groups.append(group)
         for path in paths:
             mod = modules[path]
@@ -239,18 +202,22 @@ def make_private(
             else:
                 conv(mod)
 
-    names = {}
+    names: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         if id(p) in params:
             names.setdefault(id(p), n)
+    streams = {pid: i for i, pid in enumerate(names)}  # dicts keep insertion (named_parameters) order
     state = PrivacyState(max_grad_norm=float(max_grad_norm), groups=groups, param_names=names,
-                         reduction=loss_reduction, model_ref=weakref.ref(model))
+                         reduction=loss_reduction, runtime=runtime, stream_ids=streams, model_ref=weakref.ref(model))
     for pid, p in params.items():
         state.hooks.append(p.register_hook(_outside_dp_hook(names.get(pid, "?"))))
-    state.hooks.append(model.register_forward_pre_hook(_batch_pre_hook, with_kwargs=True))
-    state.hooks.append(model.register_forward_hook(_batch_post_hook, always_call=True))
+    state.hooks.append(model.register_forward_pre_hook(runtime.forward_pre_hook, with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(runtime.forward_hook, always_call=True))
     model.__dict__["_flashdp_state"] = state
-    _STATES.add(state)
+    ref = weakref.ref(state)
+    with _owner_lock:
+        for p in params.values():
+            _owner[p] = ref
     return model
 
 
@@ -262,29 +229,6 @@ def _override(spec, paths: list[str]) -> float | None:
         if v is not None:
             return float(v)
     return None
-
-
-_batch_stack: list[int | None] = []
-_BATCH_KWARGS = ("input_ids", "inputs_embeds", "x", "input", "pixel_values")
-
-
-def _batch_pre_hook(module, args, kwargs):
-    """Record the batch size of the model's input (dim 0 of its first tensor argument)."""
-    from . import layers_common
-
-    t = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if t is None:
-        t = next((kwargs[k] for k in _BATCH_KWARGS if isinstance(kwargs.get(k), torch.Tensor)), None)
-    if t is None:
-        t = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-    _batch_stack.append(layers_common._MODEL_BATCH["value"])
-    layers_common._MODEL_BATCH["value"] = int(t.shape[0]) if t is not None and t.dim() > 0 else None
-
-
-def _batch_post_hook(module, args, output):
-    from . import layers_common
-
-    layers_common._MODEL_BATCH["value"] = _batch_stack.pop() if _batch_stack else None
 
 
 def _outside_dp_hook(name: str):

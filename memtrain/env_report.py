@@ -1,7 +1,9 @@
 """``python -m memtrain.env_report``: the facts a bug report starts with.
 
 Versions of Python, torch, triton and transformers; CUDA and the device; whether the C++ extension
-loaded (and why not); which backend each kernel uses for CPU and CUDA tensors.
+loaded (and why not); which backend each kernel uses for CPU and CUDA tensors; which path flashdp's
+dispatcher takes for a DP linear layer on each device (per layer at run time: DEBUG log of the
+``"flashdp"`` logger).
 """
 
 from __future__ import annotations
@@ -45,7 +47,17 @@ def report() -> dict[str, str]:
     gpu_backend = "Triton" if HAS_TRITON else "unavailable (install triton)"
     for op in ("philox_fill_", "zo_perturb_"):
         info[f"{op} backend"] = f"cpu: {cpu_backend}; cuda: {gpu_backend}"
+    info.update(_flashdp_dispatch())
     return info
+
+
+def _flashdp_dispatch() -> dict[str, str]:
+    """flashdp's dispatch rule per device (flashdp.dispatch.describe_rules), or why it is unavailable."""
+    try:
+        from flashdp.dispatch import describe_rules
+    except Exception as err:  # a broken flashdp must not hide the rest of the report
+        return {"flashdp dispatch": f"unavailable ({err!r})"}
+    return {f"flashdp dispatch ({device})": rule for device, rule in describe_rules().items()}
 
 
 def main() -> None:

@@ -1,7 +1,13 @@
-"""Dispatcher: per-shape automatic choice (cached), forced paths, bad names."""
+"""Dispatcher: per-shape automatic choice (cached), forced paths, bad names, which layers the CUDA "once" path
+takes, the per-layer log and the env report's rules."""
+
+import logging
 
 import pytest
+import torch
+from torch import nn
 
+import flashdp
 from flashdp import dispatch
 
 
@@ -27,3 +33,71 @@ def test_force_path_and_env(monkeypatch):
         dispatch.choose_path("cpu", 128, 512, 512)
     with pytest.raises(ValueError, match="unknown path"), dispatch.force_path("fast"):
         pass
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The CUDA "once" path only for layers the cooperative kernel serves.
+
+def _old_fits(d_out, d_in, device=None):  # the kernel's signature before it learnt about dtype, bias, layout
+    return True
+
+
+def _new_fits(d_out, d_in, device=None, *, dtype, has_bias, layout):
+    _new_fits.calls.append((dtype, has_bias, layout))
+    return has_bias  # pretend this kernel serves layers with a bias only
+
+
+_new_fits.calls = []
+
+
+@pytest.mark.parametrize(("dtype", "bias", "layout", "want"), [
+    (torch.float32, False, "out_in", True),
+    (torch.bfloat16, False, "out_in", False),
+    (torch.float16, False, "out_in", False),
+    (torch.float32, True, "out_in", False),
+    (torch.float32, False, "in_out", False),
+])
+def test_once_on_cuda_only_for_layers_an_old_kernel_serves(dtype, bias, layout, want):
+    dev = torch.device("cuda", 0)
+    assert dispatch.cuda_once_serves(64, 64, dev, dtype=dtype, has_bias=bias, layout=layout, fits=_old_fits) is want
+
+
+def test_a_kernel_that_checks_the_layer_decides_itself():
+    dev = torch.device("cuda", 0)
+    assert dispatch.cuda_once_serves(64, 64, dev, dtype=torch.bfloat16, has_bias=True, layout="in_out",
+                                     fits=_new_fits) is True
+    assert dispatch.cuda_once_serves(64, 64, dev, dtype=torch.float32, has_bias=False, layout="out_in",
+                                     fits=_new_fits) is False
+    assert _new_fits.calls == [(torch.bfloat16, True, "in_out"), (torch.float32, False, "out_in")]
+
+
+def _paths_logged(caplog):
+    return [(r.args[0], r.args[1]) for r in caplog.records if r.name == "flashdp" and "path" in r.getMessage()]
+
+
+def test_path_logged_once_per_layer_and_forced_path_kept_from_forward(caplog):
+    caplog.set_level(logging.DEBUG, logger="flashdp")
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    flashdp.make_private(model, 1.0)
+    x = torch.randn(3, 7, 6)
+    with dispatch.force_path("direct"):
+        loss = model(x).sum()
+    loss.backward()  # outside the block: the layers keep the path forced during their forward
+    assert sorted(_paths_logged(caplog)) == [("0", "direct"), ("2", "direct")]
+    caplog.clear()
+    model(x).sum().backward()  # automatic: T=7, 2·T² > in·out: "once" on CPU
+    model(x).sum().backward()  # same choice: not logged again
+    assert sorted(_paths_logged(caplog)) == [("0", "once"), ("2", "once")]
+    caplog.clear()
+    loss = model(x).sum()
+    with dispatch.force_path("ghost"):  # a block active during backward wins
+        loss.backward()
+    assert sorted(_paths_logged(caplog)) == [("0", "ghost"), ("2", "ghost")]
+
+
+def test_env_report_lists_the_dispatch_rules():
+    from memtrain.env_report import report
+
+    info = report()
+    assert "flashdp dispatch (cpu)" in info and "flashdp dispatch (cuda)" in info
+    assert "fp32" in info["flashdp dispatch (cuda)"] and "ghost" in info["flashdp dispatch (cpu)"]

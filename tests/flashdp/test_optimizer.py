@@ -194,3 +194,19 @@ def test_model_changed_after_make_private():
     model[2] = nn.Linear(6, 2)  # replaced module: its parameters were never privatised
     with pytest.raises(flashdp.ModelChangedError, match="make_private"):
         opt.step()
+
+
+def test_noise_state_is_seed_and_step_and_old_generator_states_are_refused_loudly():
+    model = _model()
+    flashdp.make_private(model, 1.0)
+    opt = flashdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                              expected_batch_size=2, seed=11)
+    opt.step()
+    sd = opt.state_dict()
+    assert {k: sd["flashdp"][k] for k in ("seed", "steps")} == {"seed": 11, "steps": 1}
+    assert "generators" not in sd["flashdp"]
+    old = copy.deepcopy(sd)
+    old["flashdp"]["generators"] = {"cpu": torch.Generator().get_state()}  # a checkpoint of an older flashdp
+    with pytest.warns(RuntimeWarning, match="counter-based"):
+        opt.load_state_dict(old)
+    assert opt.steps == 1
