@@ -183,8 +183,8 @@ class ZOSGD(torch.optim.Optimizer):
         """Count the step of ``record`` from its losses (averaged over ranks, in half order L+_0, L-_0,
         L+_1, ...; the list may stop at the first non-finite one). Sets ``record.diffs`` and the projected
         gradients and returns the mean L+, or, for a non-finite loss, marks the record skipped, warns with
-        :class:`NonFiniteLossWarning` and returns the last L+ measured. The parameters' restore and update
-        follow the record (see :mod:`zo2.transitions`)."""
+        :class:`NonFiniteLossWarning` and returns the L+ of the direction that failed. The parameters'
+        restore and update follow the record (see :mod:`zo2.transitions`)."""
         if record.finished or record.step != self.step_count:
             raise RuntimeError(f"ZOSGD.finish_step: the record of step {record.step} is not the running step "
                                f"{self.step_count} or was already finished")
