@@ -8,7 +8,9 @@ exactly one half run at a time, in the order
 so every block is used by all halves while it is resident, and the closure keeps its ordinary form
 (``lambda: model(**batch).loss``): nothing in the model's forward code is replaced. A half hands the
 baton over when it enters the next block (a forward pre-hook calls :meth:`HalfScheduler.enter_block`)
-and when its closure returns.
+and when its closure returns. The caller's per-thread state (grad and inference mode, autocast, the
+CUDA device and stream, the default device, ``contextvars``) is captured at the start of the step and
+reproduced in each half (:class:`ThreadState`); torch modes, which cannot be, are refused.
 """
 
 from __future__ import annotations
