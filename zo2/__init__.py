@@ -3,16 +3,17 @@
 ``zo2.ZOSGD`` is a drop-in ``torch.optim.Optimizer`` whose ``step(closure)`` runs the closure twice per
 direction (forward only) and updates the parameters in place; see :mod:`zo2.optimizer`.
 ``zo2.offload(model, opt)`` streams the model's transformer blocks through the device during those
-steps; see :mod:`zo2.offload`.
+steps; see :mod:`zo2.offload`, and ``zo2.plan_offload(model, ...)`` gives its memory plan from the
+model's shapes alone (a meta-device model will do).
 """
 
 from zo2.noise import step_seed
 from zo2.offload import OffloadEngine, TraceEvent, offload
 from zo2.optimizer import ZOSGD, NonFiniteLossWarning
-from zo2.plan import OffloadPlan
+from zo2.plan import OffloadPlan, plan_offload
 
 __all__ = ["ZOSGD", "NonFiniteLossWarning", "OffloadEngine", "OffloadPlan", "TraceEvent", "ZOTrainer",
-           "ZOTrainingArguments", "offload", "step_seed"]
+           "ZOTrainingArguments", "offload", "plan_offload", "step_seed"]
 
 _LAZY = {"ZOTrainer": "zo2.trainer", "ZOTrainingArguments": "zo2.trainer"}
 

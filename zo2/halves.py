@@ -8,11 +8,14 @@ exactly one half run at a time, in the order
 so every block is used by all halves while it is resident, and the closure keeps its ordinary form
 (``lambda: model(**batch).loss``): nothing in the model's forward code is replaced. A half hands the
 baton over when it enters the next block (a forward pre-hook calls :meth:`HalfScheduler.enter_block`)
-and when its closure returns.
+and when its closure returns. The caller's per-thread state (grad and inference mode, autocast, the
+CUDA device and stream, the default device, ``contextvars``) is captured at the start of the step and
+reproduced in each half (:class:`ThreadState`); torch modes, which cannot be, are refused.
 """
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from collections.abc import Callable
@@ -164,19 +167,75 @@ class HalfWorkers:
         self._inboxes.clear()
 
 
-def thread_state_context() -> Callable[[], ExitStack]:
-    """A factory of context managers that reproduce this thread's grad-free, autocast and CUDA stream
-    state in a worker thread (torch keeps them per thread)."""
-    autocast = [(dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)]
-    stream = torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+class ThreadStateError(RuntimeError):
+    """The caller's thread has per-thread torch state that the halves' worker threads cannot reproduce."""
 
-    def make() -> ExitStack:
+
+class ThreadState:
+    """The calling thread's per-thread state, captured at the start of a step to be reproduced in each
+    half's worker thread (torch keeps some state per thread).
+
+    Carried into every half:
+
+    - grad mode: the halves always run under ``torch.no_grad()``; inference mode if it is on;
+    - autocast: enabled/dtype for "cpu" and "cuda", and whether its cast cache is on;
+    - CUDA: the current device and its current stream;
+    - the default device (``torch.set_default_device``; torch keeps it per thread);
+    - ``contextvars``: each half runs in its own copy of the caller's context (a change a closure makes
+      to a context variable stays in its half).
+
+    Process-wide, so already shared: the default dtype (``torch.set_default_dtype``), the number of CPU
+    threads, the RNGs, the deterministic-algorithm and TF32 flags.
+
+    Refused with :class:`ThreadStateError` when captured (before anything moves): an active
+    ``TorchFunctionMode`` other than the default device, or a ``TorchDispatchMode`` (e.g.
+    ``FlopCounterMode``, ``FakeTensorMode``); the fix is to enter the mode inside the closure.
+    """
+
+    def __init__(self) -> None:
+        _refuse_modes()
+        self.autocast = [(dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda")
+                         if torch.is_autocast_enabled(dev)]
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+        self.inference = torch.is_inference_mode_enabled()
+        self.default_device = torch.get_default_device()
+        on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda_device = torch.cuda.current_device() if on_cuda else None
+        self.stream = torch.cuda.current_stream() if on_cuda else None
+        self.context = contextvars.copy_context()
+
+    def _enter(self) -> ExitStack:
         stack = ExitStack()
-        stack.enter_context(torch.no_grad())
-        for dev, dtype in autocast:
-            stack.enter_context(torch.autocast(dev, dtype=dtype))
-        if stream is not None:
-            stack.enter_context(torch.cuda.stream(stream))
+        stack.enter_context(torch.inference_mode() if self.inference else torch.no_grad())
+        if self.default_device != torch.get_default_device():
+            stack.enter_context(self.default_device)
+        for dev, dtype in self.autocast:
+            stack.enter_context(torch.autocast(dev, dtype=dtype, cache_enabled=self.autocast_cache))
+        if self.cuda_device is not None:
+            stack.enter_context(torch.cuda.device(self.cuda_device))
+            stack.enter_context(torch.cuda.stream(self.stream))
         return stack
 
-    return make
+    def run(self, fn: Callable[[], object]) -> object:
+        """Call ``fn`` (in a worker thread) under the captured state, in a copy of the captured context."""
+
+        def inner() -> object:
+            with self._enter():
+                return fn()
+
+        return self.context.copy().run(inner)
+
+
+def _refuse_modes() -> None:
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._device import DeviceContext
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    modes = [m for m in _get_current_function_mode_stack() if not isinstance(m, DeviceContext)]
+    modes += _get_current_dispatch_mode_stack()
+    if modes:
+        names = ", ".join(type(m).__name__ for m in modes)
+        raise ThreadStateError(
+            f"zo2.offload: opt.step was called under {names}. An offloaded step runs each perturbed forward "
+            "pass on a worker thread and torch keeps such modes per thread, so it would not apply there: enter "
+            "the mode inside the closure, e.g. `def closure():\n    with mode: return model(**batch).loss`")

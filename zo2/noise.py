@@ -1,14 +1,13 @@
-"""Seed schedule and fused noise passes over a parameter set.
+"""Seed schedule and the one fused noise pass over a tensor.
 
 Every direction z is a pure function of (step seed, parameter stream id, element index), so nothing
-tensor-sized is stored: a step keeps its seeds, and any pass (perturb, flip, restore + update) calls
-the fused kernel with the seeds and coefficients it needs.
+tensor-sized is stored: a step keeps its seeds, and every pass (perturb, flip, restore + update; see
+:mod:`zo2.transitions`) is one call of :func:`apply_pass` per tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
@@ -30,36 +29,15 @@ def step_seed(base_seed: int, step: int, perturbation: int = 0) -> int:
     return splitmix64(splitmix64(splitmix64(base_seed & MASK64) ^ step) ^ perturbation)
 
 
-@dataclass(frozen=True)
-class NoiseTarget:
-    """A tensor the noise passes update, with its stream id and its group's hyperparameters."""
-
-    tensor: torch.Tensor
-    stream: int
-    group: dict
-
-
-def apply_terms(
-    targets: Sequence[NoiseTarget],
-    seeds: Sequence[int],
-    coef_fn: Callable[[dict], Sequence[float]],
-    decay_fn: Callable[[dict], float] | None = None,
-    dist: str = "normal",
-) -> None:
-    """One fused pass: for each target, ``p <- p + Σ_j coef_fn(group)[j] · z(seeds[j]) + decay_fn(group) · p``.
-
-    Terms whose coefficient is zero are dropped (no noise is generated for them); a target with no
-    term and no decay is not touched.
-    """
-    for target in targets:
-        c = decay_fn(target.group) if decay_fn is not None else 0.0
-        apply_pass(target.tensor, target.stream, seeds, coef_fn(target.group), c, dist)
-
-
 def apply_pass(tensor: torch.Tensor, stream: int, seeds: Sequence[int], coefs: Sequence[float], decay: float,
-               dist: str) -> None:
-    """``tensor <- tensor + Σ_j coefs[j] · z(seeds[j]) + decay · tensor`` in one fused pass; terms with a
-    zero coefficient are dropped, and a pass with no term and no decay does not touch the tensor."""
+               dist: str, offset: int = 0) -> None:
+    """``tensor <- tensor + Σ_j coefs[j] · z(seeds[j], stream, offset + i) + decay · tensor`` in one fused pass.
+
+    Terms with a zero coefficient are dropped (no noise is generated for them), and a pass with no term
+    and no decay does not touch the tensor. ``offset`` is the index of the tensor's first element in the
+    parameter's stream (a shard or slice of a larger parameter draws its part of the same z).
+    """
     live = [(s, a) for s, a in zip(seeds, coefs, strict=True) if a != 0.0]
     if live or decay != 0.0:
-        zo_perturb_(tensor, [s for s, _ in live], [a for _, a in live], stream, decay, dist)
+        where = {"offset": offset} if offset else {}  # zo_perturb_'s default is 0
+        zo_perturb_(tensor, [s for s, _ in live], [a for _, a in live], stream, decay, dist, **where)

@@ -1,22 +1,30 @@
 """ZOSGD: zeroth-order SGD with MeZO's two-point estimator and fused, counter-based noise passes.
 
 One step with q directions z_k (Malladi et al., "Fine-Tuning Language Models with Just Forward
-Passes", NeurIPS 2023), every pass below being one fused read-modify-write of the parameters:
+Passes", NeurIPS 2023), every pass below being one fused read-modify-write of the parameters and one
+transition of :mod:`zo2.transitions`:
 
-1. θ ← θ + ε z_0
+1. θ ← θ + ε z_0                                           (perturb)
 2. for k = 0 .. q-1:  L+_k = closure();  θ ← θ - 2ε z_k;  L-_k = closure();  g_k = (L+_k - L-_k) / 2ε;
-   between directions, θ ← θ + ε z_k + ε z_{k+1} (restore and next perturbation in one pass)
-3. θ ← θ + ε z_{q-1} - lr (Σ_k g_k z_k / q + wd θ)   (restore and update in one pass)
+   between directions, θ ← θ + ε z_k + ε z_{k+1}           (flip; next direction)
+3. θ ← θ + ε z_{q-1} - lr (Σ_k g_k z_k / q + wd θ)         (finish: restore and update)
 
 That is 2q + 1 passes (3 for q = 1; the textbook MeZO makes 4, drawing z afresh each time). z is
 regenerated from (step seed, parameter stream id, index) and never stored.
+
+The step is split so that an engine can run it elsewhere (``zo2.offload``): :meth:`ZOSGD.begin_step`
+makes the step's :class:`~zo2.transitions.StepRecord` (seeds, hyperparameters), the engine (or the
+in-place loop here) runs the 2q halves and returns their losses, and :meth:`ZOSGD.finish_step` turns
+them into the projected gradients, or skips the step on a non-finite loss. An engine is attached with
+:meth:`ZOSGD.attach_engine` and implements :class:`StepEngine`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -29,7 +37,8 @@ from zo2.checks import (
     record_active_dropout,
 )
 from zo2.distributed import average_losses, check_same_run
-from zo2.noise import NoiseTarget, apply_terms, step_seed
+from zo2.noise import step_seed
+from zo2.transitions import NoiseState, StepRecord, Target, move
 
 Closure = Callable[[], torch.Tensor | float]
 
@@ -40,6 +49,20 @@ RUN_ATTRIBUTES = ("seed", "num_perturbations", "distribution", "check_dropout", 
 
 class NonFiniteLossWarning(RuntimeWarning):
     """A step saw a NaN or infinite loss and was skipped."""
+
+
+class StepEngine(Protocol):
+    """What :class:`ZOSGD` needs from an engine that runs its steps (``zo2.offload``'s engine)."""
+
+    def run_halves(self, record: StepRecord, closures: Sequence[Closure], check_dropout: bool) -> list[float]:
+        """Run the 2K halves of ``record`` (half h at its perturbation, calling ``closures[h // 2]``) and
+        return their losses in half order, not reduced over ranks. On an error, leave every tensor
+        restored (``record.discard()``) and raise. The update is applied once ``record`` is finished."""
+        ...
+
+    def flush(self) -> None:
+        """Apply every pending restore and update: the parameters hold their trained values."""
+        ...
 
 
 class ZOSGD(torch.optim.Optimizer):
@@ -63,6 +86,8 @@ class ZOSGD(torch.optim.Optimizer):
     the first group), ``projected_grads`` each direction's value, and the parameters their updated values.
     A NaN or infinite loss skips the step (parameters restored to θ up to the rounding of the passes
     already applied), warns with :class:`NonFiniteLossWarning` and counts it in ``skipped_steps``.
+    ``step(accumulate=[c_0, ..., c_{k-1}])`` accumulates k micro-batches: k·q directions at the same θ,
+    direction j·q + i estimated with ``c_j``, averaged into one update.
     """
 
     def __init__(
@@ -91,29 +116,30 @@ class ZOSGD(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.projected_grad = 0.0
         self.projected_grads: list[float] = []
-        for index, (p, _) in enumerate(self._unique_params()):
+        self._engine: StepEngine | None = None
+        for index, (p, _) in enumerate(self.unique_params()):
             check_parameter(p, index)
 
     # ------------------------------------------------------------------------------------ parameters
-    def _unique_params(self) -> list[tuple[torch.Tensor, dict]]:
-        """Each parameter once (a tied weight listed twice counts once), with its group, in group order:
-        the position in this list is the parameter's stream id, stable across runs."""
+    def unique_params(self) -> list[tuple[torch.Tensor, int]]:
+        """Each parameter once (a tied weight listed twice counts once) with its param group index, in
+        group order: the position in this list is the parameter's noise stream id, stable across runs."""
         seen: set[int] = set()
         unique = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if id(p) not in seen:
                     seen.add(id(p))
-                    unique.append((p, group))
+                    unique.append((p, index))
         return unique
 
-    def noise_targets(self) -> list[NoiseTarget]:
-        """The trainable parameters with their stream ids and groups. A tied parameter appears once."""
+    def targets(self) -> list[Target]:
+        """The trainable parameters (``requires_grad``) as noise targets. A tied parameter appears once."""
         targets = []
-        for stream, (p, group) in enumerate(self._unique_params()):
+        for stream, (p, group) in enumerate(self.unique_params()):
             if p.requires_grad:
                 check_parameter(p, stream)
-                targets.append(NoiseTarget(p, stream, group))
+                targets.append(Target(p, stream, group))
         return targets
 
     def _check_groups(self) -> None:
@@ -121,88 +147,80 @@ class ZOSGD(torch.optim.Optimizer):
             check_hyperparameters(group["lr"], group["eps"], group["weight_decay"], where=f"ZOSGD param group {i}",
                                   zero_lr_ok=True)
 
-    # -------------------------------------------------------------------------------------- the step
-    def seeds_for_step(self, step: int) -> list[int]:
-        """The Philox keys of the q directions of step ``step`` (0-based)."""
-        return [step_seed(self.seed, step, k) for k in range(self.num_perturbations)]
+    # ------------------------------------------------------------------------------ the engine seam
+    @property
+    def offload_engine(self) -> StepEngine | None:
+        """The engine running the steps (set by ``zo2.offload``), or None: steps run in place."""
+        return self._engine
 
-    @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
-        """One zeroth-order step; returns the mean loss at θ + εz_k as a 0-d tensor."""
-        if closure is None or not callable(closure):
-            raise TypeError("ZOSGD.step needs a closure that runs the forward pass and returns the loss, "
-                            "e.g. opt.step(lambda: model(**batch).loss)")
-        self._check_ranks_agree()
-        self._check_groups()
-        engine = getattr(self, "offload_engine", None)
-        if engine is not None:
-            return engine.step(closure)
-        targets = self.noise_targets()
-        seeds = self.seeds_for_step(self.step_count)
-        q = len(seeds)
-        dist = self.distribution
-        # What is currently added to θ, as (seed, multiple of ε): restoring applies the negation.
-        applied: list[tuple[int, float]] = []
+    def attach_engine(self, engine: StepEngine) -> None:
+        """Run the following steps through ``engine`` (``zo2.offload`` calls this)."""
+        if self._engine is not None:
+            raise RuntimeError("zo2.offload: this optimizer is already attached to an offload engine; call "
+                               "engine.detach() first")
+        self._engine = engine
 
-        def shift(terms: list[tuple[int, float]]) -> None:
-            apply_terms(targets, [s for s, _ in terms], lambda g: [m * g["eps"] for _, m in terms], dist=dist)
-            for seed, mult in terms:
-                for i, (s, m) in enumerate(applied):
-                    if s == seed:
-                        applied[i] = (s, m + mult)
-                        break
-                else:
-                    applied.append((seed, mult))
-            applied[:] = [(s, m) for s, m in applied if m != 0.0]
+    def detach_engine(self) -> None:
+        """Run the following steps in place again (the engine's ``detach()`` calls this after a flush)."""
+        self._engine = None
 
-        def restore() -> None:
-            shift([(s, -m) for s, m in applied])
+    # ----------------------------------------------------------------------------- step accounting
+    def seeds_for_step(self, step: int, num_directions: int | None = None) -> list[int]:
+        """The Philox keys of the directions of step ``step`` (0-based): ``num_perturbations`` of them
+        unless ``num_directions`` is given (k·q under accumulation)."""
+        n = self.num_perturbations if num_directions is None else num_directions
+        return [step_seed(self.seed, step, k) for k in range(n)]
 
-        losses_plus: list[float] = []
-        diffs: list[float] = []
-        try:
-            shift([(seeds[0], 1.0)])
-            for k in range(q):
-                found: list[str] = []
-                if self.check_dropout and k == 0:
-                    with record_active_dropout(found):
-                        loss_plus = loss_value(closure())
-                    if found:
-                        raise dropout_error(found)
-                else:
-                    loss_plus = loss_value(closure())
-                (loss_plus,) = self.reduce_losses([loss_plus])
-                losses_plus.append(loss_plus)
-                if not math.isfinite(loss_plus):
-                    return self._skip(restore, "L+", loss_plus, losses_plus)
-                shift([(seeds[k], -2.0)])
-                (loss_minus,) = self.reduce_losses([loss_value(closure())])
-                if not math.isfinite(loss_minus):
-                    return self._skip(restore, "L-", loss_minus, losses_plus)
-                diffs.append((loss_plus - loss_minus) / 2.0)
-                if k + 1 < q:
-                    shift([(seeds[k], 1.0), (seeds[k + 1], 1.0)])
-        except BaseException:
-            restore()
-            raise
+    def begin_step(self, accumulation: int = 1) -> StepRecord:
+        """The record of the next step: its ``accumulation · num_perturbations`` seeds and each group's
+        (lr, eps, weight_decay) now. Changes nothing; :meth:`finish_step` counts the step."""
+        if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+            raise ValueError(f"ZOSGD: accumulation must be an int >= 1, got {accumulation!r}")
+        return StepRecord(self.step_count, self.seeds_for_step(self.step_count, accumulation * self.num_perturbations),
+                          [(g["lr"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.distribution)
 
-        # Restore and update in one pass. Per group, g_k = diff_k / ε_group (see ZOSGD's docstring).
-        def final_coefs(group: dict) -> list[float]:
-            decay = 1.0 - group["lr"] * group["weight_decay"]
-            coefs = [-group["lr"] * d / (group["eps"] * q) for d in diffs]
-            coefs[-1] += group["eps"] * decay
-            return coefs
-
-        apply_terms(targets, seeds, final_coefs, lambda g: -g["lr"] * g["weight_decay"], dist=dist)
-        return self._record_step(diffs, losses_plus)
-
-    def _record_step(self, diffs: list[float], losses_plus: list[float]) -> torch.Tensor:
-        """Count a completed step: its projected gradients (with ε of the first group) and the mean L+."""
-        eps0 = self.param_groups[0]["eps"]
-        self.projected_grads = [d / eps0 for d in diffs]
-        self.projected_grad = sum(self.projected_grads) / len(diffs)
+    def finish_step(self, record: StepRecord, losses: Sequence[float]) -> torch.Tensor:
+        """Count the step of ``record`` from its losses (averaged over ranks, in half order L+_0, L-_0,
+        L+_1, ...; the list may stop at the first non-finite one). Sets ``record.diffs`` and the projected
+        gradients and returns the mean L+, or, for a non-finite loss, marks the record skipped, warns with
+        :class:`NonFiniteLossWarning` and returns the L+ of the direction that failed. The parameters'
+        restore and update follow the record (see :mod:`zo2.transitions`)."""
+        if record.finished or record.step != self.step_count:
+            raise RuntimeError(f"ZOSGD.finish_step: the record of step {record.step} is not the running step "
+                               f"{self.step_count} or was already finished")
+        losses = list(losses)
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is None and len(losses) != record.num_halves:
+            raise ValueError(f"ZOSGD.finish_step: step {record.step} has {record.num_halves} halves but "
+                             f"{len(losses)} finite losses were given")
+        plus = losses[0::2]
         self.step_count += 1
-        return torch.tensor(sum(losses_plus) / len(losses_plus))
+        if bad is not None:
+            record.skipped = True
+            self.skipped_steps += 1
+            self.projected_grad = float("nan")
+            self.projected_grads = []
+            warnings.warn(
+                f"ZOSGD: step {record.step} saw a non-finite loss ({'L+' if bad % 2 == 0 else 'L-'} = {losses[bad]});"
+                f" the update was skipped and the parameters restored ({self.skipped_steps} skipped so far). Check "
+                "the data and the model's numerics (a lower eps or fp32 may help)",
+                NonFiniteLossWarning,
+                stacklevel=3,
+            )
+            return torch.tensor(plus[bad // 2])
+        record.diffs = [(p - m) / 2.0 for p, m in zip(plus, losses[1::2], strict=True)]
+        eps0 = self.param_groups[0]["eps"]
+        self.projected_grads = [d / eps0 for d in record.diffs]
+        self.projected_grad = sum(self.projected_grads) / len(record.diffs)
+        return torch.tensor(sum(plus) / len(plus))
+
+    def reduce_losses(self, values: list[float]) -> list[float]:
+        """The losses averaged over the data-parallel ranks in one all-reduce (themselves without a
+        ``process_group``)."""
+        pg = getattr(self, "process_group", None)  # not pickled: a process group does not survive a copy
+        if pg is None:
+            return values
+        return average_losses(values, None if pg is True else pg)
 
     def _check_ranks_agree(self) -> None:
         """Once per process (and after load_state_dict): all ranks must share seed, step, q and distribution."""
@@ -213,42 +231,71 @@ class ZOSGD(torch.optim.Optimizer):
                        None if pg is True else pg)
         self._ranks_checked = True
 
-    def reduce_losses(self, values: list[float]) -> list[float]:
-        """The losses averaged over the data-parallel ranks in one all-reduce (themselves without a
-        ``process_group``)."""
-        pg = getattr(self, "process_group", None)  # not pickled: a process group does not survive a copy
-        if pg is None:
-            return values
-        return average_losses(values, None if pg is True else pg)
+    # -------------------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None, *,  # type: ignore[override]
+             accumulate: Sequence[Closure] | None = None) -> torch.Tensor:
+        """One zeroth-order step; returns the mean loss at θ + εz_k as a 0-d tensor.
 
-    def _skip(self, restore: Callable[[], None], which: str, value: float, losses_plus: list[float]) -> torch.Tensor:
-        """Count a skipped step (after ``restore`` undoes its perturbation) and warn."""
-        restore()
-        self.skipped_steps += 1
-        self.projected_grad = float("nan")
-        self.projected_grads = []
-        warnings.warn(
-            f"ZOSGD: step {self.step_count} saw a non-finite loss ({which} = {value}); the update was skipped and "
-            f"the parameters restored ({self.skipped_steps} skipped so far). Check the data and the model's "
-            "numerics (a lower eps or fp32 may help)",
-            NonFiniteLossWarning,
-            stacklevel=3,
-        )
-        self.step_count += 1
-        return torch.tensor(losses_plus[-1] if losses_plus else float("nan"))
+        Args:
+            closure: runs the forward pass and returns the scalar loss (called 2q times).
+            accumulate: instead of ``closure``, one closure per micro-batch (k of them): the step takes
+                k·q directions at the same θ, direction j·q + i estimated with ``accumulate[j]``, and
+                averages them into one update. Each call runs one micro-batch, so memory is that of one.
+        """
+        closures = _closures(closure, accumulate)
+        self._check_ranks_agree()
+        self._check_groups()
+        record = self.begin_step(len(closures))
+        q = self.num_perturbations
+        per_direction = [closures[d // q] for d in range(len(record.seeds))]
+        if self._engine is not None:
+            losses = self._engine.run_halves(record, per_direction, self.check_dropout)
+            return self.finish_step(record, self.reduce_losses(losses))
+        return self._step_in_place(record, per_direction)
+
+    def _step_in_place(self, record: StepRecord, closures: list[Closure]) -> torch.Tensor:
+        """The 2K halves on the parameters where they are, then the finish pass: 2K + 1 passes."""
+        targets = self.targets()
+        state = NoiseState()
+        losses: list[float] = []
+        try:
+            for half in range(record.num_halves):
+                state = move(targets, state, record, record.half_target(half))
+                found: list[str] = []
+                if self.check_dropout and half == 0:
+                    with record_active_dropout(found):
+                        loss = loss_value(closures[0]())
+                    if found:
+                        raise dropout_error(found)
+                else:
+                    loss = loss_value(closures[half // 2]())
+                losses += self.reduce_losses([loss])
+                if not math.isfinite(losses[-1]):
+                    break
+        except BaseException:
+            record.discard()
+            move(targets, state, None, {})
+            raise
+        result = self.finish_step(record, losses)
+        move(targets, state, None, {})  # restore and update (restore only for a skipped step)
+        return result
 
     def flush(self) -> None:
         """Make the parameters hold their trained values. Without offloading they always do when ``step``
         returns, so this does nothing; a ``zo2.offload`` engine applies its pending restore and update."""
-        engine = getattr(self, "offload_engine", None)
-        if engine is not None:
-            engine.flush()
+        if self._engine is not None:
+            self._engine.flush()
 
     # ------------------------------------------------------------------------------- serialisation
     def __getstate__(self) -> dict:
         state = super().__getstate__()  # torch keeps only defaults, state and param_groups
         state.update({name: getattr(self, name) for name in RUN_ATTRIBUTES})
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # also called by torch's load_state_dict: keep an attached engine
+        self.__dict__.setdefault("_engine", None)  # a copy or an unpickled optimizer has no engine
 
     def state_dict(self) -> dict:
         """torch's optimizer state plus the ``zo2`` entry (base seed, step counter, q, distribution),
@@ -280,3 +327,19 @@ class ZOSGD(torch.optim.Optimizer):
         self.distribution = str(zo["distribution"])
         self.projected_grad = float(zo["projected_grad"])
         self._ranks_checked = False
+
+
+def _closures(closure: Closure | None, accumulate: Sequence[Closure] | None) -> list[Closure]:
+    """The step's closures, one per micro-batch, or an error saying what ``step`` takes."""
+    if accumulate is None:
+        if closure is None or not callable(closure):
+            raise TypeError("ZOSGD.step needs a closure that runs the forward pass and returns the loss, "
+                            "e.g. opt.step(lambda: model(**batch).loss)")
+        return [closure]
+    if closure is not None:
+        raise TypeError("ZOSGD.step: pass either closure or accumulate (one closure per micro-batch), not both")
+    closures = list(accumulate)
+    if not closures or not all(callable(c) for c in closures):
+        raise TypeError("ZOSGD.step: accumulate must be a non-empty sequence of closures, one per micro-batch, "
+                        "e.g. accumulate=[lambda b=b: model(**b).loss for b in micro_batches]")
+    return closures

@@ -1,15 +1,24 @@
 """The memory plan of an offloaded model: what stays on the device, the ring, the host store.
 
 Peak device memory of a step = resident modules + ring + the activations of one block for every
-half (2q of them) + the logits of each half. The plan is printed by ``zo2.offload`` and checked
-against the free device and host memory before anything is moved.
+half (2q of them) + the logits of each half. :func:`plan_offload` computes it from the model's shapes
+and dtypes only, so it also plans a model built on the meta device (nothing allocated); ``zo2.offload``
+prints the plan of the real model and checks it against the free device and host memory before
+anything is moved.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from zo2.blocks import check_block_ownership, find_blocks, tensors_bytes
+from zo2.ring import wire_layout
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 GiB = 1024**3
 
@@ -62,6 +71,47 @@ class OffloadPlan:
         if self.hidden_size is not None:
             lines.append(f"  + activations, e.g. B=1 T=2048: {_fmt(self.activation_bytes(1, 2048))}")
         return "\n".join(lines)
+
+
+def plan_offload(model: nn.Module, *, amp: str | None = None, prefetch: int = 1, num_perturbations: int = 1,
+                 blocks: str | Sequence[nn.Module] | None = None, device: str | torch.device = "cuda",
+                 trainable: Iterable[torch.Tensor] | None = None) -> OffloadPlan:
+    """The memory plan of ``zo2.offload(model, opt, device, amp, blocks=blocks, prefetch=prefetch)``.
+
+    Reads only shapes and dtypes, so ``model`` may live on the meta device. ``trainable``: the parameters
+    the optimizer updates (default: those with ``requires_grad``); under AMP each trainable resident one
+    keeps an fp32 master on the device beside its low-precision copy.
+
+    Returns:
+        The plan: ``resident_bytes`` (parameters outside the blocks in the compute dtype, AMP masters and
+        every buffer), ``ring_bytes`` (``prefetch + 1`` slots of the largest block as it crosses the bus)
+        and ``host_bytes`` (each block's master, plus its low-precision wire copy under AMP).
+    """
+    if amp not in (None, *AMP_DTYPES):
+        raise ValueError(f"zo2.offload: amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    amp_dtype = AMP_DTYPES[amp] if amp else None
+    _, block_modules = find_blocks(model, blocks)
+    check_block_ownership(model, block_modules)
+    in_blocks = {id(p) for b in block_modules for p in b.parameters()}
+    train = ({id(p) for p in model.parameters() if p.requires_grad} if trainable is None
+             else {id(p) for p in trainable})
+    wire_size = amp_dtype.itemsize if amp_dtype else None
+    block_bytes = [wire_layout(list(b.parameters()), amp_dtype).nbytes for b in block_modules]
+    residents = [p for p in model.parameters() if id(p) not in in_blocks]
+    resident = sum(p.numel() * (wire_size or p.element_size()) for p in residents)
+    if amp_dtype is not None:  # fp32 masters of the trainable resident parameters
+        resident += sum(p.numel() * 4 for p in residents if id(p) in train)
+    resident += tensors_bytes(list(model.buffers()))
+    host = sum(wire_layout(list(b.parameters()), None).nbytes for b in block_modules)
+    if amp_dtype is not None:
+        host += sum(block_bytes)
+    config = getattr(model, "config", None)
+    slots = prefetch + 1
+    return OffloadPlan(
+        device=str(torch.device(device)), amp=amp, num_blocks=len(block_modules), block_bytes=max(block_bytes),
+        ring_slots=slots, ring_bytes=slots * max(block_bytes), resident_bytes=resident, host_bytes=host,
+        num_halves=2 * num_perturbations, hidden_size=getattr(config, "hidden_size", None),
+        vocab_size=getattr(config, "vocab_size", None), compute_itemsize=wire_size or 4)
 
 
 def available_host_bytes() -> int | None:

@@ -35,14 +35,14 @@ class FlatLayout:
         offsets, pos = [], 0
         for t, dtype in zip(tensors, dtypes, strict=True):
             offsets.append(pos)
-            pos = _aligned(pos + t.numel() * torch.empty((), dtype=dtype).element_size())
+            pos = _aligned(pos + t.numel() * dtype.itemsize)
         return cls([t.shape for t in tensors], list(dtypes), offsets, pos)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """The tensors of this layout as views into ``flat`` (a uint8 buffer of at least ``nbytes``)."""
         out = []
         for shape, dtype, off in zip(self.shapes, self.dtypes, self.offsets, strict=True):
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            size = torch.Size(shape).numel() * dtype.itemsize
             out.append(flat[off:off + size].view(dtype).view(shape))
         return out
 

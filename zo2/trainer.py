@@ -13,12 +13,13 @@ How it hooks into the Trainer (the least it overrides):
   learning rate and steps every step, as with any optimizer) and whose own ``step()`` only checks that
   the ZO step was taken.
 - ``training_step`` collects the micro-batches of a gradient-accumulation window and, on the last one,
-  runs ``opt.step(closure)``: forward passes only, under ``no_grad``, model in eval mode (dropout off).
+  runs one ZO step over them: forward passes only, under ``no_grad``, model in eval mode (dropout off).
   No backward, no gradient clipping (``max_grad_norm`` defaults to 0 here; another value is refused).
-- Gradient accumulation over k micro-batches is k·q perturbation directions at the same θ, directions
-  ``j·q .. j·q+q-1`` estimated on micro-batch j, averaged into one update. Each closure call runs the
-  model once on one micro-batch (what the offload engine requires) and memory stays that of one
-  micro-batch; the estimate is unbiased for the gradient of the mean loss over the k micro-batches.
+- Gradient accumulation over k micro-batches is ``zo.step(accumulate=[one closure per micro-batch])``:
+  k·q perturbation directions at the same θ, directions ``j·q .. j·q+q-1`` estimated on micro-batch j,
+  averaged into one update. Each closure call runs the model once on one micro-batch (what the offload
+  engine requires) and memory stays that of one micro-batch; the estimate is unbiased for the gradient
+  of the mean loss over the k micro-batches.
 - ``evaluate``, ``predict`` and ``_save`` flush pending updates first (``opt.flush()``), so they see the
   trained parameters when offloading defers an update.
 - With ``zo_offload`` the model is not moved to the device by the Trainer or by accelerate: the engine
@@ -29,7 +30,6 @@ How it hooks into the Trainer (the least it overrides):
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,7 +172,7 @@ class ZOTrainer(Trainer):
         if self.args.world_size > 1 and zo.process_group is None:
             zo.process_group = True
         offload = self.zo_options["offload"]
-        if offload is not None and getattr(zo, "offload_engine", None) is None:
+        if offload is not None and zo.offload_engine is None:
             from zo2.offload import offload as attach_offload
 
             attach_offload(self.model, zo, **offload)
@@ -203,20 +203,9 @@ class ZOTrainer(Trainer):
         if not self.accelerator.sync_gradients:
             return torch.zeros((), device=self.args.device)  # the window's mean loss is returned at its end
         batches, self._micro_batches = self._micro_batches, []
-        zo = self.zo
-        q = zo.num_perturbations
-        calls = itertools.count()
-
-        def closure() -> torch.Tensor:
-            micro_batch = batches[(next(calls) // 2) // q]  # calls 2d, 2d+1 estimate direction d
-            return self.compute_loss(model, micro_batch)
-
         model.eval()  # the two forward passes must see the same function: no dropout
-        zo.num_perturbations = q * len(batches)
-        try:
-            loss = zo.step(closure)
-        finally:
-            zo.num_perturbations = q
+        # one closure per micro-batch: directions j·q .. j·q+q-1 are estimated on micro-batch j
+        loss = self.zo.step(accumulate=[lambda b=b: self.compute_loss(model, b) for b in batches])
         self._adapter().pending_steps += 1
         return loss.detach().to(self.args.device)
 

@@ -44,7 +44,7 @@ def replay(initial, opt, seeds_and_grads, lr, wd):
     """θ_T from θ_0 with the recorded (seed, g) of each step, z from the NumPy reference: in float64, and
     as a bf16 store that rounds to nearest after every step (what a low-precision master would hold)."""
     exact, bf16_store = {}, {}
-    for stream, (p, _) in enumerate(opt._unique_params()):
+    for stream, (p, _) in enumerate(opt.unique_params()):
         theta = initial[id(p)].double().flatten()
         low = theta.to(torch.bfloat16)
         for seed, g in seeds_and_grads:
@@ -93,7 +93,7 @@ def test_host_thread_preparation_matches_inline(make_opt):
         opt = zo2.ZOSGD(model.parameters(), lr=1e-3, eps=1e-2, seed=2)
         engine = zo2.offload(model, opt, device="cpu", amp="bf16", verbose=False)
         if threaded:
-            engine._host_pool = ThreadPoolExecutor(1)
+            engine.streamer.host_pool = ThreadPoolExecutor(1)
         losses = []
         for s in range(3):
             batch = make_batch(s)

@@ -80,7 +80,7 @@ def test_one_fused_pass_per_half_and_block(make_opt, monkeypatch):
     streams = [s for s, _ in calls]
     trainable = len([p for p in model.parameters() if p.requires_grad])
     tied = dict(model.named_parameters())["model.decoder.embed_tokens.weight"]
-    tied_stream = next(i for i, (p, _) in enumerate(opt._unique_params()) if p is tied)
+    tied_stream = next(i for i, (p, _) in enumerate(opt.unique_params()) if p is tied)
     # the tied weight is used at the start (embedding) and the end (head) by each half: 4 moves
     assert streams.count(tied_stream) == 4
     others = [s for s in set(streams) if s != tied_stream]

@@ -1,0 +1,81 @@
+"""zo2.plan_offload: the offload memory plan from shapes alone, on meta-device models.
+
+The plan of a model built under ``torch.device("meta")`` (nothing allocated) must equal, field for
+field, the plan the engine makes of the same model really built and offloaded; and for an OPT-1.3B
+shaped model the byte counts must match the architecture's parameter count."""
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+import zo2
+
+PLANNED = ["opt", "llama", "gpt2"]
+
+
+def on_meta(builder, **kwargs):
+    with torch.device("meta"):
+        model = builder(**kwargs)
+    assert all(p.is_meta for p in model.parameters())
+    return model
+
+
+def freeze(model, pattern: str):
+    for name, p in model.named_parameters():
+        if pattern in name:
+            p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("name", PLANNED)
+@pytest.mark.parametrize(("amp", "prefetch", "q", "frozen"), [(None, 1, 1, None), ("bf16", 2, 2, None),
+                                                             ("fp16", 0, 1, "norm"), ("bf16", 1, 1, "embed")])
+def test_meta_plan_equals_the_engine_plan(builders, name, amp, prefetch, q, frozen):
+    real = builders[name]()
+    meta = on_meta(builders[name])
+    if frozen:
+        freeze(real, frozen), freeze(meta, frozen)
+    opt = zo2.ZOSGD(real.parameters(), lr=1e-3, num_perturbations=q)
+    engine = zo2.offload(real, opt, device="cpu", amp=amp, prefetch=prefetch, verbose=False)
+    plan = zo2.plan_offload(meta, amp=amp, prefetch=prefetch, num_perturbations=q, device="cpu")
+    assert plan == engine.plan
+    assert all(p.is_meta for p in meta.parameters())  # planning moved nothing
+
+
+def test_trainable_subset_counts_only_its_resident_masters(make_opt):
+    """An optimizer over a subset: only its resident parameters keep an fp32 master under AMP."""
+    real, meta = make_opt(), on_meta(make_opt)
+    subset = [p for n, p in real.named_parameters() if "layers.0" in n or "final_layer_norm" in n]
+    meta_subset = [p for n, p in meta.named_parameters() if "layers.0" in n or "final_layer_norm" in n]
+    engine = zo2.offload(real, zo2.ZOSGD(subset, lr=1e-3), device="cpu", amp="bf16", verbose=False)
+    assert zo2.plan_offload(meta, amp="bf16", device="cpu", trainable=meta_subset) == engine.plan
+    everything = zo2.plan_offload(meta, amp="bf16", device="cpu")
+    embeddings = sum(p.numel() for n, p in meta.named_parameters() if "embed" in n)  # tied head counted once
+    assert everything.resident_bytes - engine.plan.resident_bytes == 4 * embeddings  # their fp32 masters
+
+
+def test_opt_1_3b_on_meta_matches_its_parameter_count():
+    h, f, layers, vocab, positions = 2048, 8192, 24, 50272, 2048
+    with torch.device("meta"):
+        model = OPTForCausalLM(OPTConfig(hidden_size=h, ffn_dim=f, num_hidden_layers=layers, num_attention_heads=32,
+                                         vocab_size=vocab, max_position_embeddings=positions, word_embed_proj_dim=h))
+    per_block = 4 * (h * h + h) + (h * f + f) + (f * h + h) + 2 * 2 * h  # attention, MLP, two layer norms
+    resident = vocab * h + (positions + 2) * h + 2 * h  # tied embedding/head, positions (offset 2), final norm
+    plan = zo2.plan_offload(model, prefetch=1)
+    assert (plan.num_blocks, plan.ring_slots) == (layers, 2)
+    assert plan.block_bytes == 4 * per_block  # every tensor is a multiple of the 256-byte alignment here
+    assert plan.host_bytes == layers * 4 * per_block and plan.ring_bytes == 2 * 4 * per_block
+    assert plan.resident_bytes == 4 * resident
+    amp = zo2.plan_offload(model, amp="bf16", prefetch=1)
+    assert amp.block_bytes == 2 * per_block and amp.host_bytes == layers * 6 * per_block
+    assert amp.resident_bytes == (2 + 4) * resident  # bf16 compute copy + fp32 master
+    assert "24 blocks" in str(plan)
+
+
+def test_bad_amp_and_missing_blocks():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="amp must be"):
+        zo2.plan_offload(model, amp="int8")
+    with pytest.raises(ValueError, match="blocks="):
+        zo2.plan_offload(torch.nn.Linear(3, 3))

@@ -1,0 +1,167 @@
+"""The block streamer: which block occupies which ring slot, and the copies in and out of the ring.
+
+During a step the streamer uploads blocks in order into free slots (``prefetch`` ahead of the one
+computing: :meth:`BlockStreamer.pump`), orders the compute after each upload (:meth:`wait`) and, when
+the last half leaves a block, offloads it (:meth:`release`: copied back into its host store, or dropped
+when the precision strategy keeps the state on the host). Host-side preparation of a block before its
+upload (the AMP master update and low-precision cast) runs on a host thread ahead of the uploads when
+``host_thread`` is set (CUDA machines), inline otherwise. The copies themselves are
+:class:`~zo2.ring.Ring`'s: CUDA streams and events on a GPU, synchronous copies on the CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from zo2.ring import BlockStore, Ring
+
+
+class BlockStreamer:
+    """The ring of ``prefetch + 1`` device slots and the blocks' trips through it.
+
+    Args:
+        device: where the slots live.
+        stores: the blocks' host stores, in model order.
+        prefetch: blocks uploaded ahead of the computing one.
+        prepare: host-side work on block b before each upload, or None.
+        copy_back: copy a block's slot back into its host store when it leaves the device.
+        host_thread: run ``prepare`` on a host thread ahead of the uploads.
+        log: ``log(op, block, slot=...)`` for the engine's trace.
+    """
+
+    def __init__(self, device: torch.device, stores: list[BlockStore], prefetch: int,
+                 prepare: Callable[[int], None] | None, copy_back: bool, host_thread: bool,
+                 log: Callable[..., None]) -> None:
+        self.stores = stores
+        self.prepare = prepare
+        self.copy_back = copy_back
+        self.log = log
+        self.ring = Ring(device, prefetch + 1, max(s.wire_layout.nbytes for s in stores))
+        self.free_slots: deque[int] = deque(range(self.ring.slots))
+        self.resident_slot: dict[int, int] = {}  # block -> slot, while resident
+        self.next_upload = 0
+        self._offloaded: dict[int, torch.cuda.Event] = {}  # CUDA: the copy back into each block's host store
+        self.host_pool = ThreadPoolExecutor(1, thread_name_prefix="zo2-host") if (
+            host_thread and prepare is not None) else None
+        self._prepared: dict[int, Future] = {}
+
+    # ---------------------------------------------------------------------------------- the step
+    def start_step(self) -> None:
+        """Queue every block's host preparation (on the host thread) and upload the first blocks."""
+        self.next_upload = 0
+        if self.host_pool is not None:
+            self._prepared = {b: self.host_pool.submit(self.prepare, b) for b in range(len(self.stores))}
+        self.pump()
+
+    def pump(self) -> None:
+        """Upload the next blocks into the free slots."""
+        while self.next_upload < len(self.stores) and self.free_slots:
+            b = self.next_upload
+            self.next_upload += 1
+            slot = self.free_slots.popleft()
+            store = self.stores[b]
+            if self.prepare is not None:
+                future = self._prepared.pop(b, None)
+                if future is not None:
+                    future.result()
+                else:
+                    self.prepare(b)
+            self.ring.upload(slot, store.wire_flat, after=self._offloaded.pop(b, None))
+            store.attach(store.wire_layout.views(self.ring.buffers[slot]))
+            self.resident_slot[b] = slot
+            self.log("upload", b, slot=slot)
+
+    def wait(self, b: int) -> None:
+        """Order the current (compute) stream after block b's upload."""
+        slot = self.resident_slot.get(b)
+        if slot is None:
+            raise RuntimeError(f"zo2.offload: block {b} is not resident when a half enters it (ring of "
+                               f"{self.ring.slots} slots); this is a scheduling bug")
+        self.ring.wait_uploaded(slot)
+
+    def release(self, b: int) -> None:
+        """Offload block b after the compute issued so far, and give its slot to the next upload."""
+        slot = self.resident_slot.pop(b)
+        store = self.stores[b]
+        done = self.ring.release(slot, store.master_flat if self.copy_back else None)
+        if done is not None:
+            self._offloaded[b] = done
+        store.attach(store.master)
+        self.free_slots.append(slot)
+        self.log("offload", b, slot=slot)
+
+    def abort(self, released: Callable[[int], None]) -> None:
+        """After a failed step: finish the host work, bring every resident block home (``released(b)``
+        first), free every slot."""
+        for future in self._prepared.values():
+            future.result()
+        self._prepared.clear()
+        for b in list(self.resident_slot):
+            released(b)
+            self.release(b)
+        self.free_slots = deque(range(self.ring.slots))
+
+    # ------------------------------------------------------------------------ outside a step
+    def observe(self, b: int) -> None:
+        """A forward outside a step (evaluation): block b's clean wire copy through slot 0, synchronously."""
+        store = self.stores[b]
+        store.fill_wire()
+        self.ring.upload(0, store.wire_flat)
+        self.ring.wait_uploaded(0)
+        store.attach(store.wire_layout.views(self.ring.buffers[0]))
+
+    def end_observe(self, b: int) -> None:
+        self.ring.release(0, None)
+        self.stores[b].attach(self.stores[b].master)
+
+    def synchronize(self) -> None:
+        """Wait for every copy in flight (before the host reads or writes the host stores)."""
+        self.ring.synchronize()
+        self._offloaded.clear()
+
+    def time_transfers(self, rounds: int = 1) -> float:
+        """Seconds of one step's transfers alone: every block uploaded once and offloaded once (copied
+        back when the state returns to the host), no compute; the median over ``rounds``. CUDA events
+        time the copies on a GPU, ``time.perf_counter`` on the CPU. Leaves every host store as it was."""
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"time_transfers: rounds must be an int >= 1, got {rounds!r}")
+        if self.resident_slot:
+            raise RuntimeError("time_transfers: blocks are resident (a step is running); call it between steps")
+        self.synchronize()
+        times = []
+        for _ in range(rounds):
+            if self.ring.cuda:
+                device = self.ring.device
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(torch.cuda.current_stream(device))
+                last = self._transfer_all(after=start)
+                torch.cuda.current_stream(device).wait_event(last)
+                end.record(torch.cuda.current_stream(device))
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                self._transfer_all(after=None)
+                times.append(time.perf_counter() - t0)
+        self.synchronize()
+        return statistics.median(times)
+
+    def _transfer_all(self, after: torch.cuda.Event | None) -> torch.cuda.Event | None:
+        """Every block up into slot b % slots and out again; returns the last offload's CUDA event."""
+        done = None
+        for b, store in enumerate(self.stores):
+            slot = b % self.ring.slots
+            self.ring.upload(slot, store.wire_flat, after=after if b == 0 else None)
+            self.ring.wait_uploaded(slot)
+            done = self.ring.release(slot, store.master_flat if self.copy_back else None)
+        return done
+
+    def close(self) -> None:
+        if self.host_pool is not None:
+            self.host_pool.shutdown()
