@@ -39,7 +39,7 @@ except Exception:  # pragma: no cover
 __all__ = ["clip_factors", "dp_clip_accumulate_"]
 
 if _HAS_TRITON:
-    from memtrain.kernels._index import _tile_offsets
+    from memtrain.kernels._common import _dot_operand, _tile_offsets
 
     @triton.jit
     def _dp_clip_accumulate_kernel(
@@ -63,7 +63,7 @@ if _HAS_TRITON:
             x = tl.load(x_ptr + _tile_offsets(offs_r, stride_xr, offs_i, stride_xi),
                         mask=rmask[:, None] & (offs_i[None, :] < D_IN), other=0.0)
             gt = (gt.to(tl.float32) * c[None, :]).to(x.dtype)
-            acc = tl.dot(gt, x, acc, input_precision="ieee")
+            acc = tl.dot(_dot_operand(gt), _dot_operand(x), acc, input_precision="ieee")
         wmask = (offs_o[:, None] < D_OUT) & (offs_i[None, :] < D_IN)
         w_ptrs = w_ptr + _tile_offsets(offs_o, stride_wo, offs_i, stride_wi)
         prev = tl.load(w_ptrs, mask=wmask, other=0.0)

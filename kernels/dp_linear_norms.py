@@ -49,7 +49,7 @@ except Exception:  # pragma: no cover - platform without Triton
 __all__ = ["dp_linear_norms", "ghost_is_cheaper", "gram"]
 
 if _HAS_TRITON:
-    from memtrain.kernels._index import _sample_offset, _tile_offsets
+    from memtrain.kernels._common import _dot_operand, _sample_offset, _tile_offsets
 
     @triton.jit
     def _dp_linear_norms_direct_kernel(
@@ -75,7 +75,7 @@ if _HAS_TRITON:
                          mask=(offs_o[:, None] < D_OUT) & (offs_t[None, :] < T), other=0.0)
             x = tl.load(x_b + _tile_offsets(offs_t, stride_xt, offs_i, stride_xi),
                         mask=(offs_t[:, None] < T) & (offs_i[None, :] < D_IN), other=0.0)
-            acc = tl.dot(gt, x, acc, input_precision="ieee")
+            acc = tl.dot(_dot_operand(gt), _dot_operand(x), acc, input_precision="ieee")
         tl.atomic_add(out_ptr + b, tl.sum(acc * acc))
 
     @triton.jit
@@ -89,7 +89,7 @@ if _HAS_TRITON:
                         mask=(offs_t[:, None] < T) & (offs_k[None, :] < D), other=0.0)
             c = tl.load(ptr + _tile_offsets(offs_k, stride_k, offs_s, stride_t),
                         mask=(offs_k[:, None] < D) & (offs_s[None, :] < T), other=0.0)
-            acc = tl.dot(a, c, acc, input_precision="ieee")
+            acc = tl.dot(_dot_operand(a), _dot_operand(c), acc, input_precision="ieee")
         return acc
 
     @triton.jit

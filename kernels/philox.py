@@ -229,6 +229,10 @@ if HAS_TRITON:
         _store_rounded(out_ptr + local, z, mask)
 
 
+# Launch options of the noise kernels: no FMA contraction (z is the same bits as the C++ and torch twins).
+NOISE_LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+
+
 def launch_grid(numel: int, offset: int, block: int, op: str = "philox_fill_") -> tuple[int]:
     """Programs needed to cover elements [offset, offset + numel) in counter-aligned blocks (axis 0 only)."""
     first = (offset // 4) * 4
@@ -242,8 +246,7 @@ def _philox_fill_triton(out: torch.Tensor, seed: int, stream: int, dist: int, of
         return
     block = 1024
     _philox_fill_kernel[launch_grid(flat.numel(), offset, block)](
-        flat, flat.numel(), offset, *int32_words(stream), *int32_words(seed), DIST=dist, BLOCK=block,
-        enable_fp_fusion=False,
+        flat, flat.numel(), offset, *int32_words(stream), *int32_words(seed), DIST=dist, BLOCK=block, **NOISE_LAUNCH,
     )
 
 

@@ -22,6 +22,7 @@ from memtrain._cpp import cpp_available, require_cpp, warn_fallback_once
 from memtrain.kernels._launch import require_triton_device
 from memtrain.kernels.philox import (
     HAS_TRITON,
+    NOISE_LAUNCH,
     as_int64,
     check_float_tensor,
     dist_code,
@@ -129,7 +130,7 @@ def _zo_perturb_triton(
     _zo_perturb_kernel[launch_grid(flat.numel(), offset, block, "zo_perturb_")](
         flat, flat.numel(), offset, *int32_words(stream), *_scalar_term_args(seeds, coefs),
         extra, float(c), c64_lo, c64_hi,
-        N_TERMS=len(seeds), DIST=dist, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        N_TERMS=len(seeds), DIST=dist, BLOCK=block, **NOISE_LAUNCH,
     )
 
 

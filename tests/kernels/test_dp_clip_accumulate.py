@@ -58,6 +58,21 @@ def test_triton_tiles(config, overwrite, triton_device):
     torch.testing.assert_close(gw.double(), rw + (0 if overwrite else w0.double()), rtol=2e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bf16_inputs_fp32_gradient(impl, triton_device):
+    """Autocast's case: bf16 G and X, fp32 gradient. Both round c·G (or c·X) to bf16 once (2^-8 relative per
+    element; the interpreter's cast truncates: 2^-7), then sum exact products in fp32."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    B, T, d_in, d_out = 3, 20, 33, 17
+    G, X, coef = torch.randn(B, T, d_out).bfloat16(), torch.randn(B, T, d_in).bfloat16(), torch.rand(B)
+    gw = torch.zeros(d_out, d_in)
+    _run(impl, G, X, coef, gw, None, "out_in", triton_device if impl == "triton" else "cpu")
+    rw, _ = _ref(G, X, coef, "out_in")
+    bound = 2.0**-7 * torch.einsum("b,bto,bti->oi", coef.double(), G.double().abs(), X.double().abs())
+    assert ((gw.double() - rw).abs() <= bound + 1e-6).all()
+
+
 def test_overwrite_ignores_previous_contents():
     B, T, d_in, d_out = 2, 3, 5, 4
     G, X, coef = torch.randn(B, T, d_out), torch.randn(B, T, d_in), torch.rand(B)

@@ -59,6 +59,15 @@ def test_triton_tiles(method, config, triton_device):
     torch.testing.assert_close(got.double(), _reference(G, X, False), rtol=2e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["direct", "ghost"])
+def test_triton_bf16(method, triton_device):
+    """16-bit inputs: exact products (tensor cores; widened under the interpreter), fp32 sums."""
+    pytest.importorskip("triton")
+    G, X = torch.randn(3, 40, 70).bfloat16(), torch.randn(3, 40, 45).bfloat16()
+    got = K._dp_linear_norms_triton(G.to(triton_device), X.to(triton_device), True, method).cpu()
+    torch.testing.assert_close(got.double(), _reference(G, X, True), rtol=1e-5, atol=1e-3)
+
+
 def test_non_contiguous_and_bf16():
     G = torch.randn(3, 7, 11).transpose(0, 1).contiguous().transpose(0, 1)  # strided
     X = torch.randn(3, 7, 5)
