@@ -147,11 +147,15 @@ def test_missing_sources_are_named(monkeypatch, tmp_path):
 
 
 def test_not_prepared_means_not_chosen(monkeypatch):
-    """Before prepare() the kernel is never chosen (a backward never compiles it)."""
+    """Before prepare() the kernel is never chosen, and asking (what each backward does) compiles nothing."""
+    builds = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda *a, **k: builds.append(1))
     monkeypatch.setattr(O, "_KERNEL", O._CudaKernel())
-    assert O.cuda_once_status().startswith("not built: call memtrain.kernels.dp_clip_once.prepare(device)")
-    assert not O.cuda_once_fits(64, 64)
+    for _ in range(2):
+        assert not O.cuda_once_fits(64, 64)
+        assert O.cuda_once_reason(64, 64).startswith("not built: call memtrain.kernels.dp_clip_once.prepare(device)")
+    assert builds == []
 
 
 # ------------------------------------------------------------------------------------------ CUDA kernel on a GPU
