@@ -14,25 +14,22 @@ warm-up round; median, p20 and p80 (CUDA events on a GPU).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from memtrain.bench._harness import environment, interleaved, print_table, write_json
+from memtrain.bench._harness import print_table
+from memtrain.bench.kernels._layers import parser, resolve, save, time_layers
 from memtrain.kernels import dp_clip_once as O
 from memtrain.kernels.dp_clip_accumulate import clip_factors, dp_clip_accumulate_
 from memtrain.kernels.dp_linear_norms import dp_linear_norms
 
 CPU_DEFAULT = ["32,128,512,512", "32,128,512,1376", "32,128,1376,512", "32,128,512,32000", "32,128,32000,512"]
-LLAMA_7B = ["8,512,4096,4096", "8,512,4096,11008", "8,512,11008,4096", "8,512,4096,32000"]
 
 
-def methods(B: int, T: int, d_in: int, d_out: int, device: str, dtype: torch.dtype, bias: bool) -> dict:
-    g = torch.Generator(device=device).manual_seed(0)
-    G = torch.randn(B, T, d_out, device=device, generator=g).to(dtype)
-    X = torch.randn(B, T, d_in, device=device, generator=g).to(dtype)
-    gw = torch.zeros(d_out, d_in, device=device)
-    gb = torch.zeros(d_out, device=device) if bias else None
+def methods(G: torch.Tensor, X: torch.Tensor, bias: bool) -> dict:
+    B, _, d_out = G.shape
+    d_in = X.shape[2]
+    gw = torch.zeros(d_out, d_in, device=G.device)
+    gb = torch.zeros(d_out, device=G.device) if bias else None
     g2, x2 = G.reshape(-1, d_out), X.reshape(-1, d_in)
 
     def nondp():
@@ -51,29 +48,21 @@ def methods(B: int, T: int, d_in: int, d_out: int, device: str, dtype: torch.dty
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="*", default=None, help="B,T,d_in,d_out")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="G and X (default: bfloat16 on CUDA, float32 on CPU); gradients are fp32")
+    ap = parser(__doc__)
     ap.add_argument("--no-bias", action="store_true", help="weight-only layers (what the CUDA kernel serves)")
-    ap.add_argument("--reps", "--rounds", dest="rounds", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--out", default=None, help="JSON path (default: bench/results/<name>.json)")
+    ap.set_defaults(rounds=5)
     args = ap.parse_args(argv)
+    shapes, dtype = resolve(args, CPU_DEFAULT)
     cuda = args.device.startswith("cuda")
-    shapes = args.shapes or (LLAMA_7B if cuda else CPU_DEFAULT)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     if cuda:
         O.prepare(args.device)
     rows, results = [], []
-    for shape in shapes:
-        B, T, d_in, d_out = map(int, shape.split(","))
-        stats = interleaved(methods(B, T, d_in, d_out, args.device, dtype, not args.no_bias), args.rounds,
-                            args.warmup, args.device)
+    for shape, (B, T, d_in, d_out), stats in time_layers(args, shapes, dtype,
+                                                         lambda G, X, g: methods(G, X, not args.no_bias)):
         base = stats["nondp"]["median_s"]
-        once_path = "cuda kernel" if cuda and O.cuda_once_fits(d_out, d_in, torch.device(args.device), dtype=dtype,
-                                                               has_bias=not args.no_bias) else "chunked BLAS"
+        served = cuda and O.cuda_once_fits(d_out, d_in, torch.device(args.device), dtype=dtype,
+                                           has_bias=not args.no_bias)
+        once_path = "cuda kernel" if served else "chunked BLAS"
         for name, s in stats.items():
             label = f"once ({once_path})" if name == "once" else name
             rows.append([shape, label, 1e3 * s["median_s"], 1e3 * s["p20_s"], 1e3 * s["p80_s"], base / s["median_s"]])
@@ -82,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                 ["B,T,in,out", "path", "median ms", "p20 ms", "p80 ms", "nondp / path"], rows)
     if cuda:
         print(f"\ncooperative CUDA kernel: {O.cuda_once_status()}")
-    write_json(f"dp_clip_once_{args.device.split(':')[0]}_{dtype}".replace("torch.", ""), {
-        "benchmark": "dp_clip_once", "config": {**vars(args), "shapes": shapes, "dtype": str(dtype)},
-        "results": results, "environment": environment(args.device),
-    }, args.out)
+    save("dp_clip_once", args, shapes, dtype, results)
 
 
 if __name__ == "__main__":
