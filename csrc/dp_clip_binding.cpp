@@ -11,7 +11,8 @@
 extern "C" int dp_clip_once_partial_floats(int d_out, int d_in);
 extern "C" int dp_clip_once_check(int d_out, int d_in);
 extern "C" int dp_clip_once_launch(const float* g, const float* x, float* grad_w, float* partial, float* sq_out,
-                                   int B, int T, int d_out, int d_in, float max_norm, float scale, void* stream);
+                                   int B, int T, int d_out, int d_in, float max_norm, float scale, void* stream,
+                                   int check);
 
 namespace {
 
@@ -34,7 +35,8 @@ std::string dp_clip_once_refusal(int64_t device, int64_t d_out, int64_t d_in) {
   return rc == 0 ? std::string() : describe(rc);
 }
 
-torch::Tensor dp_clip_once(torch::Tensor g, torch::Tensor x, torch::Tensor grad_w, double max_norm, double scale) {
+torch::Tensor dp_clip_once(torch::Tensor g, torch::Tensor x, torch::Tensor grad_w, double max_norm, double scale,
+                           bool check_occupancy) {
   TORCH_CHECK(g.is_cuda() && x.is_cuda() && grad_w.is_cuda(), "dp_clip_once: tensors must be on CUDA");
   TORCH_CHECK(g.device() == x.device() && g.device() == grad_w.device(), "dp_clip_once: tensors on different devices");
   TORCH_CHECK(g.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat &&
@@ -53,7 +55,8 @@ torch::Tensor dp_clip_once(torch::Tensor g, torch::Tensor x, torch::Tensor grad_
   const int rc = dp_clip_once_launch(g.data_ptr<float>(), x.data_ptr<float>(), grad_w.data_ptr<float>(),
                                      partial.data_ptr<float>(), sq.data_ptr<float>(), static_cast<int>(g.size(0)),
                                      static_cast<int>(g.size(1)), d_out, d_in, static_cast<float>(max_norm),
-                                     static_cast<float>(scale), c10::cuda::getCurrentCUDAStream().stream());
+                                     static_cast<float>(scale), c10::cuda::getCurrentCUDAStream().stream(),
+                                     check_occupancy ? 1 : 0);
   TORCH_CHECK(rc == 0, "dp_clip_once: cooperative launch refused (", describe(rc), "); use the two-pass path");
   return sq;
 }
@@ -61,6 +64,8 @@ torch::Tensor dp_clip_once(torch::Tensor g, torch::Tensor x, torch::Tensor grad_
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dp_clip_once", &dp_clip_once, "clip each sample's weight gradient once computed; returns raw squared norms");
+  m.def("dp_clip_once", &dp_clip_once, "clip each sample's weight gradient once computed; returns raw squared norms",
+        py::arg("g"), py::arg("x"), py::arg("grad_w"), py::arg("max_norm"), py::arg("scale"),
+        py::arg("check_occupancy") = true);
   m.def("dp_clip_once_refusal", &dp_clip_once_refusal, "why the kernel cannot run for this layer ('' if it can)");
 }

@@ -19,9 +19,9 @@ Backends and their precision (the result is fp32 in every case):
 - CUDA, ghost: cuBLAS (``torch.bmm``) Gram matrices in fp32: 16-bit inputs accumulate and are written
   in fp32 (``out_dtype``) where torch offers it, else the Grams are rounded to the input dtype
   (2⁻⁸ relative for bf16); fp32 inputs follow torch's matmul precision setting, IEEE fp32 by default
-  (``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision`` switch it to
-  TF32, as they do for ``nn.Linear``). The Triton ghost kernel (exact fp32, symmetric tiles only)
-  stays available as ``_dp_linear_norms_triton(..., "ghost")`` for comparison in the benchmark.
+  (``torch.set_float32_matmul_precision("high")`` switches it to TF32, as for ``nn.Linear``). The
+  Triton ghost kernel (exact fp32 products, symmetric tiles only) stays available as
+  ``_dp_linear_norms_triton(..., "ghost")`` for comparison in the benchmark.
 - CPU: torch (oneDNN/MKL) in fp32, inputs upcast to fp32.
 
 Inputs are read once per tile; nothing of size B×out×in is written (the torch direct form materialises

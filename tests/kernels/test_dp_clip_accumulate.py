@@ -99,10 +99,9 @@ def test_clip_factors_against_the_formula():
                                               (torch.bfloat16, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("impl", ["cublas", "triton"])
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-def test_cuda_precision_against_float64(impl, dtype, grad_dtype, layout, monkeypatch):
+def test_cuda_precision_against_float64(impl, dtype, grad_dtype, layout, fp32_matmul_exact):
     """Error <= 2 x the error of plain torch in the same dtype (mm of (c⊙G)ᵀ and X, result in the gradient's
     dtype) + a small atol; a TF32 dot in the fp32 case misses it by two orders of magnitude."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     B, T, d_in, d_out = 4, 300, 384, 520
     G = torch.randn(B, T, d_out, device="cuda").to(dtype)
     X = torch.randn(B, T, d_in, device="cuda").to(dtype)
@@ -136,5 +135,8 @@ def test_cuda_beyond_2_31_elements():
         fn = A._dp_clip_accumulate_triton if impl == "triton" else A._dp_clip_accumulate_torch
         fn(G, X, coef, gw, None, "out_in")
         ref = G[-1].double().t() @ X[-1].double()
-        # bf16 inputs, fp32 accumulation over T = 262 rows: |error| <= T·2⁻²⁴·Σ|products| (well below 1e-3)
-        assert (gw.double() - ref).abs().max().item() <= 1e-3 * ref.abs().max().item(), impl
+        # bf16 inputs, fp32 accumulation over T = 262 rows (T·2⁻²⁴ relative to Σ|products|, below 1e-3 of the
+        # largest entry), and 2⁻⁸ per entry where torch offers no fp32 GEMM output. A wrapped row offset reads
+        # other rows: errors of order 1.
+        bound = 2.0**-8 * ref.abs() + 1e-3 * ref.abs().max()
+        assert ((gw.double() - ref).abs() <= bound).all(), impl

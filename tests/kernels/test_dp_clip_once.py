@@ -160,10 +160,9 @@ def test_not_prepared_means_not_chosen(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ CUDA kernel on a GPU
 @pytest.mark.gpu
-def test_cuda_cooperative_kernel_against_float64(monkeypatch):
+def test_cuda_cooperative_kernel_against_float64(fp32_matmul_exact):
     """fp32 FMA arithmetic: error <= 2 x plain torch's fp32 error (per-sample GEMMs, TF32 off) + small atol."""
     assert O.prepare("cuda"), O.cuda_once_status()
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     B, T, d_in, d_out = 5, 37, 45, 29
     G, X = mixed_magnitudes(B, T, d_out, d_in)
     assert O.cuda_once_fits(d_out, d_in, torch.device("cuda"))
@@ -178,15 +177,18 @@ def test_cuda_cooperative_kernel_against_float64(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_refused_launch_leaves_no_error_behind():
-    """A layer whose tiles cannot be co-resident: the launch is refused with a clear error, and the CUDA error
-    it raised is consumed, so the next kernel launched by torch does not report it."""
+@pytest.mark.parametrize("refused_by", ["occupancy check", "driver"])
+def test_cuda_refused_launch_leaves_no_error_behind(refused_by):
+    """A layer whose tiles cannot be co-resident: the launch is refused with a clear error (by the launcher's
+    occupancy check, or with the check skipped by cudaLaunchCooperativeKernel itself), and the CUDA error is
+    consumed, so the next kernel launched by torch does not report it."""
     assert O.prepare("cuda"), O.cuda_once_status()
     d = 8192  # 65536 tiles: more than any GPU keeps resident
     assert not O.cuda_once_fits(d, d, torch.device("cuda"))
     G, X = torch.randn(1, 2, d, device="cuda"), torch.randn(1, 2, d, device="cuda")
     with pytest.raises(RuntimeError, match="cooperative launch refused"):
-        O._KERNEL.module.dp_clip_once(G, X, torch.zeros(d, d, device="cuda"), 1.0, 1.0)
+        O._KERNEL.module.dp_clip_once(G, X, torch.zeros(d, d, device="cuda"), 1.0, 1.0,
+                                      check_occupancy=refused_by == "occupancy check")
     torch.ones(4, device="cuda").add_(1)
     torch.cuda.synchronize()
     gw = torch.zeros(d, d, device="cuda")

@@ -161,10 +161,9 @@ def _torch_same_dtype(G, X, method):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("path", ["direct-triton", "ghost-cublas", "ghost-triton"])
-def test_cuda_precision_against_float64(path, dtype, monkeypatch):
+def test_cuda_precision_against_float64(path, dtype, fp32_matmul_exact):
     """flash-attn's rule: error <= 2 x the error of plain torch in the same dtype + a small atol. A TF32 dot
     (10-bit mantissa) in an fp32 path misses it by two orders of magnitude."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     method, backend = path.split("-")
     B, T, d_in, d_out = 4, 300, 384, 520
     G = torch.randn(B, T, d_out, device="cuda").to(dtype)
