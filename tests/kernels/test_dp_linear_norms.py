@@ -180,23 +180,37 @@ def test_cuda_precision_against_float64(path, dtype, fp32_matmul_exact):
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["grid-limit", "2^31-elements"])
+@pytest.mark.parametrize("case", ["direct-grid-limit", "ghost-grid-limit", "2^31-elements"])
 def test_cuda_at_the_limits(case):
     """The shapes that broke the former kernels: an LM head at T = 3632 (direct form; 128000 tiles of 32x32
-    on axis 1 before) and a gradient of more than 2^31 elements (int32 offsets wrapped). The float64
-    reference runs one sample at a time."""
-    if case == "grid-limit":
+    on axis 1 before), the Triton ghost kernel at T = 4096 (cdiv(T, 16)² = 65536 tiles on axis 1 before) and
+    a gradient of more than 2^31 elements (int32 offsets wrapped). The float64 reference runs one sample at
+    a time."""
+    if case == "direct-grid-limit":
         B, T, d_in, d_out = 2, 3632, 4096, 32000
+    elif case == "ghost-grid-limit":
+        B, T, d_in, d_out = 2, 4096, 256, 320
     else:
         B, T, d_in, d_out = 66, 262, 512, 128256  # B·T·out = 2.2e9 > 2^31
     g = torch.Generator(device="cuda").manual_seed(0)
     G = torch.randn(B, T, d_out, device="cuda", dtype=torch.bfloat16, generator=g)
     X = torch.randn(B, T, d_in, device="cuda", dtype=torch.bfloat16, generator=g)
-    got = K.dp_linear_norms(G, X, with_bias=True, method="direct")
+    if case == "ghost-grid-limit":
+        got = K._dp_linear_norms_triton(G, X, True, "ghost")
+    else:
+        got = K.dp_linear_norms(G, X, with_bias=True, method="direct")
     # Worst-case fp32 bound: T·2⁻²⁴ per product entry (doubled by squaring) plus (log2(tile) + tiles)·2⁻²⁴ for
     # the sums of squares: below 1e-3 for both shapes (typical errors are ~1e-6). A wrapped offset reads
     # other samples' rows or faults: errors of order 1.
+    # The ghost sum ⟨GGᵀ, XXᵀ⟩ has terms of both signs: its bound is (log2(64²) + 64²/2 tiles)·2⁻²⁴ plus
+    # d·2⁻²⁴ for the Gram entries, relative to Σ|terms|: 2.5e-4 · Σ|terms|.
     for b in (0, B // 2, B - 1):
         p = G[b].double().t() @ X[b].double()
-        ref = p.square().sum() + G[b].double().sum(0).square().sum()
-        assert abs(got[b].item() - ref.item()) <= 1e-3 * ref.item(), (b, got[b].item(), ref.item())
+        bias = G[b].double().sum(0).square().sum()
+        ref = p.square().sum() + bias
+        if case == "ghost-grid-limit":
+            gg, xx = G[b].double() @ G[b].double().t(), X[b].double() @ X[b].double().t()
+            tol = 2.5e-4 * (gg * xx).abs().sum().item() + 1e-6 * bias.item()
+        else:
+            tol = 1e-3 * ref.item()
+        assert abs(got[b].item() - ref.item()) <= tol, (b, got[b].item(), ref.item())
