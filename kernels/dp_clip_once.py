@@ -7,7 +7,10 @@ without recomputing ``G_bᵀ X_b``:
 - CPU (``_dp_clip_once_torch``): samples in chunks small enough to stay in cache (≈32 MiB of
   per-sample gradients); per chunk one ``bmm`` gives ``P = G_cᵀ X_c`` (chunk×out×in), then
   ``‖P_b‖``, the clip factors, and ``grad_w += coefᵀ P`` (a GEMV over the chunk). Flops equal the
-  non-DP weight GEMM; the two extra passes over P hit cache.
+  non-DP weight GEMM; the two extra passes over P hit cache. Precision: P in the inputs' dtype (fp32
+  BLAS for fp32; for bf16, P, the factors and the GEMV are rounded to bf16, 2⁻⁸ relative), norms
+  summed in fp32 row by row. The CUDA dispatcher sends the layers the kernel below does not serve here
+  too (cuBLAS).
 - CUDA (``_dp_clip_once_cuda``): ``csrc/dp_clip.cu``, a cooperative kernel whose blocks own output
   tiles; for each sample a block computes its tile, the per-sample norm is reduced across the grid
   (``grid.sync()``), and the scaled tile is added to a register accumulator. fp32 FMA arithmetic
