@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from memtrain.bench._harness import environment, interleaved, write_json
+from memtrain.bench._harness import interleaved, provenance, write_json
 
 # (B, T, d_in, d_out) of Llama-7B's layers at B=8, T=512: attention projections, MLP up/gate, MLP down, LM head.
 LLAMA_7B = ["8,512,4096,4096", "8,512,4096,11008", "8,512,11008,4096", "8,512,4096,32000"]
@@ -49,5 +49,5 @@ def time_layers(args: argparse.Namespace, shapes: list[str], dtype: torch.dtype,
 
 def save(benchmark: str, args: argparse.Namespace, shapes: list[str], dtype: torch.dtype, results: list) -> None:
     name = f"{benchmark}_{args.device.split(':')[0]}_{str(dtype).replace('torch.', '')}"
-    write_json(name, {"benchmark": benchmark, "config": {**vars(args), "shapes": shapes, "dtype": str(dtype)},
-                      "results": results, "environment": environment(args.device)}, args.out)
+    write_json(name, {"benchmark": benchmark, **provenance(args.device),
+                      "config": {**vars(args), "shapes": shapes, "dtype": str(dtype)}, "results": results}, args.out)

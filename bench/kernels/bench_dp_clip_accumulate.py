@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     rows, results = [], []
     timed = time_layers(args, shapes, dtype, lambda G, X, g: methods(G, X, g, grad_dtype, cuda))
     for shape, (B, T, d_in, d_out), stats in timed:
-        gemm = stats[GEMM]["median_s"]
+        gemm = stats[GEMM]["median"]
         flops = 2 * B * T * d_in * d_out
         for name, s in stats.items():
-            rows.append([shape, name, 1e3 * s["median_s"], 1e3 * s["p20_s"], 1e3 * s["p80_s"], s["median_s"] / gemm,
-                         flops / s["median_s"] / 1e12])
+            rows.append([shape, name, 1e3 * s["median"], 1e3 * s["p20"], 1e3 * s["p80"], s["median"] / gemm,
+                         flops / s["median"] / 1e12])
         results.append({"B": B, "T": T, "d_in": d_in, "d_out": d_out, "stats": stats})
     print_table(f"dp_clip_accumulate_ on {args.device}: {dtype} inputs, {grad_dtype} gradient",
                 ["B,T,in,out", "method", "median ms", "p20 ms", "p80 ms", "time / GEMM", "TFLOP/s"], rows)

@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     rows, results = [], []
     for shape, (B, T, d_in, d_out), stats in time_layers(args, shapes, dtype,
                                                          lambda G, X, g: methods(G, X, not args.no_bias)):
-        base = stats["nondp"]["median_s"]
+        base = stats["nondp"]["median"]
         served = cuda and O.cuda_once_fits(d_out, d_in, torch.device(args.device), dtype=dtype,
                                            has_bias=not args.no_bias)
         once_path = "cuda kernel" if served else "chunked BLAS"
         for name, s in stats.items():
             label = f"once ({once_path})" if name == "once" else name
-            rows.append([shape, label, 1e3 * s["median_s"], 1e3 * s["p20_s"], 1e3 * s["p80_s"], base / s["median_s"]])
+            rows.append([shape, label, 1e3 * s["median"], 1e3 * s["p20"], 1e3 * s["p80"], base / s["median"]])
         results.append({"B": B, "T": T, "d_in": d_in, "d_out": d_out, "once_path": once_path, "stats": stats})
     print_table(f"DP Linear backward paths on {args.device}, {dtype} inputs (ratio = non-DP time / path time)",
                 ["B,T,in,out", "path", "median ms", "p20 ms", "p80 ms", "nondp / path"], rows)

@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     cuda = args.device.startswith("cuda")
     rows, results = [], []
     for shape, (B, T, d_in, d_out), stats in time_layers(args, shapes, dtype, lambda G, X, g: methods(G, X, cuda)):
-        gemm = stats[GEMM]["median_s"]
+        gemm = stats[GEMM]["median"]
         for name, s in stats.items():
-            rows.append([shape, name, 1e3 * s["median_s"], 1e3 * s["p20_s"], 1e3 * s["p80_s"], s["median_s"] / gemm])
+            rows.append([shape, name, 1e3 * s["median"], 1e3 * s["p20"], 1e3 * s["p80"], s["median"] / gemm])
         auto = "ghost" if N.ghost_is_cheaper(T, d_in, d_out) else "direct"
         results.append({"B": B, "T": T, "d_in": d_in, "d_out": d_out, "dispatcher_method": auto, "stats": stats})
     print_table(f"dp_linear_norms on {args.device}, {dtype} (time / GEMM: the norms' cost in non-DP weight GEMMs)",

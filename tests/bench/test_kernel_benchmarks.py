@@ -38,7 +38,7 @@ def test_kernel_bench_runs(name, tmp_path, monkeypatch, capsys):
     runpy.run_module(f"memtrain.bench.kernels.{name}", run_name="__main__")
     assert "median ms" in capsys.readouterr().out
     record = json.loads(out.read_text())
-    assert record["results"] and record["environment"]["bench_device"] == "cpu"
+    assert record["results"] and record["env"]["device"] == "cpu"
 
 
 def test_kernel_bench_is_an_installed_module(tmp_path):
