@@ -62,8 +62,11 @@ def _extension_config() -> tuple[list, dict]:
         ["csrc/zo_cpu.cpp"],
         include_dirs=[os.path.join(here, "csrc")],
         # -O3 + OpenMP SIMD vectorise the Box-Muller transform (csrc/philox.h evaluates ln and sincos with its
-        # own branch-free polynomials); -ffast-math is confined to this translation unit of pure arithmetic.
-        extra_compile_args=["-O3", "-fopenmp", "-ffast-math", *_cpu_flags()],
+        # own branch-free polynomials; -fno-math-errno/-fno-trapping-math let sqrtf and floorf vectorise).
+        # Strict IEEE otherwise: no -ffast-math, no FMA contraction, so z is the same bits as the Triton and
+        # torch twins (kernels/philox.py).
+        extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
+                            *_cpu_flags()],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}

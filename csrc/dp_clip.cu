@@ -10,7 +10,9 @@
 // grid.sync()s, and every block reads all partials to get ||G_b^T X_b||. Partials are double-buffered by
 // b & 1, so one grid.sync() per sample suffices. Requires every block co-resident (cooperative launch);
 // the launcher checks occupancy and returns an error otherwise (callers fall back to the two-pass path).
-// Compiled at run time (torch.utils.cpp_extension.load_inline) by memtrain.kernels.dp_clip_once.
+// Precision: fp32 FMA products and sums (IEEE fp32; no tensor cores, no TF32).
+// Compiled at run time (torch.utils.cpp_extension.load_inline, with csrc/dp_clip_binding.cpp) by
+// memtrain.kernels.dp_clip_once.prepare().
 
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -100,27 +102,51 @@ __global__ void dp_clip_once_kernel(const float* __restrict__ g, const float* __
   }
 }
 
-// Host launcher: returns 0 on success, a cudaError_t value otherwise (-1: tiles do not fit co-resident).
-extern "C" int dp_clip_once_launch(const float* g, const float* x, float* grad_w, float* sq_out, int B, int T,
-                                   int d_out, int d_in, float max_norm, float scale, void* stream_ptr) {
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  if (B == 0) return 0;
-  int dev = 0;
+// Floats of the partial-sum buffer the launcher needs (two per output tile: double-buffered by sample).
+extern "C" int dp_clip_once_partial_floats(int d_out, int d_in) {
+  return 2 * ((d_out + DP_TILE_O - 1) / DP_TILE_O) * ((d_in + DP_TILE_I - 1) / DP_TILE_I);
+}
+
+// Whether the current device can launch the kernel cooperatively with every tile co-resident: 0 if so,
+// kNoCooperativeLaunch / kTooManyTiles, or a cudaError_t value. Clears the error it may leave behind.
+enum { kNoCooperativeLaunch = -2, kTooManyTiles = -1 };
+
+static int clear_and_return(cudaError_t err) {
+  // A refused launch or query leaves its error as the thread's last error; torch's next launch check
+  // (C10_CUDA_KERNEL_LAUNCH_CHECK) would then report it against an unrelated kernel. Consume it here.
+  cudaGetLastError();
+  return static_cast<int>(err);
+}
+
+extern "C" int dp_clip_once_check(int d_out, int d_in) {
+  int dev = 0, coop = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return (int)err;
-  int coop = 0, sms = 0, per_sm = 0;
-  cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return clear_and_return(err);
+  err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+  if (err != cudaSuccess) return clear_and_return(err);
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return clear_and_return(err);
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, dp_clip_once_kernel, DP_THREADS, 0);
-  if (err != cudaSuccess) return (int)err;
-  int tiles = ((d_out + DP_TILE_O - 1) / DP_TILE_O) * ((d_in + DP_TILE_I - 1) / DP_TILE_I);
-  if (!coop || tiles > per_sm * sms) return -1;
-  float* partial = nullptr;
-  err = cudaMallocAsync((void**)&partial, sizeof(float) * 2 * tiles, stream);
-  if (err != cudaSuccess) return (int)err;
+  if (err != cudaSuccess) return clear_and_return(err);
+  if (!coop) return kNoCooperativeLaunch;
+  if (dp_clip_once_partial_floats(d_out, d_in) / 2 > per_sm * sms) return kTooManyTiles;
+  return 0;
+}
+
+// Host launcher: 0 on success, else the code of dp_clip_once_check or a cudaError_t value, with the
+// thread's last CUDA error cleared. `partial` holds dp_clip_once_partial_floats(d_out, d_in) floats.
+// `check` = 0 skips the occupancy check, so that tests can make the driver itself refuse the launch.
+extern "C" int dp_clip_once_launch(const float* g, const float* x, float* grad_w, float* partial, float* sq_out,
+                                   int B, int T, int d_out, int d_in, float max_norm, float scale,
+                                   void* stream_ptr, int check) {
+  if (B == 0) return 0;
+  const int rc = check ? dp_clip_once_check(d_out, d_in) : 0;
+  if (rc != 0) return rc;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const int tiles = dp_clip_once_partial_floats(d_out, d_in) / 2;
   void* args[] = {(void*)&g, (void*)&x, (void*)&grad_w, (void*)&partial, (void*)&sq_out, (void*)&B, (void*)&T,
                   (void*)&d_out, (void*)&d_in, (void*)&max_norm, (void*)&scale};
-  err = cudaLaunchCooperativeKernel((void*)dp_clip_once_kernel, dim3(tiles), dim3(DP_THREADS), args, 0, stream);
-  cudaFreeAsync(partial, stream);
-  return err == cudaSuccess ? 0 : (int)err;
+  const cudaError_t err =
+      cudaLaunchCooperativeKernel((void*)dp_clip_once_kernel, dim3(tiles), dim3(DP_THREADS), args, 0, stream);
+  return err == cudaSuccess ? 0 : clear_and_return(err);
 }

@@ -7,29 +7,37 @@ without recomputing ``G_bᵀ X_b``:
 - CPU (``_dp_clip_once_torch``): samples in chunks small enough to stay in cache (≈32 MiB of
   per-sample gradients); per chunk one ``bmm`` gives ``P = G_cᵀ X_c`` (chunk×out×in), then
   ``‖P_b‖``, the clip factors, and ``grad_w += coefᵀ P`` (a GEMV over the chunk). Flops equal the
-  non-DP weight GEMM; the two extra passes over P hit cache.
+  non-DP weight GEMM; the two extra passes over P hit cache. Precision: P in the inputs' dtype (fp32
+  BLAS for fp32; for bf16, P, the factors and the GEMV are rounded to bf16, 2⁻⁸ relative), norms
+  summed in fp32 row by row. The CUDA dispatcher sends the layers the kernel below does not serve here
+  too (cuBLAS).
 - CUDA (``_dp_clip_once_cuda``): ``csrc/dp_clip.cu``, a cooperative kernel whose blocks own output
   tiles; for each sample a block computes its tile, the per-sample norm is reduced across the grid
-  (``grid.sync()``), and the scaled tile is added to a register accumulator. Only for layers whose
-  tiles fit co-resident; compiled at run time by torch's extension loader.
+  (``grid.sync()``), and the scaled tile is added to a register accumulator. fp32 FMA arithmetic
+  (IEEE fp32, no TF32). It serves fp32, bias-free, ``(out, in)``-layout layers whose tiles fit
+  co-resident (:func:`cuda_once_reason` says why a layer is not served). It is compiled by torch's
+  extension loader in :func:`prepare`, which flashdp calls when a model is made private, never inside
+  a backward pass; a failed build is remembered (:func:`cuda_once_status`) and not retried.
 
 Both return the per-sample squared norms (fp32, raw: before ``scale``).
 """
 
 from __future__ import annotations
 
-import functools
 import pathlib
+import threading
 import warnings
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from .dp_clip_accumulate import clip_factors
 
-__all__ = ["cuda_once_fits", "dp_clip_once_"]
+__all__ = ["cuda_once_fits", "cuda_once_reason", "cuda_once_status", "dp_clip_once_", "prepare"]
 
-_CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "dp_clip.cu"
+_CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+_SOURCES = (_CSRC / "dp_clip_binding.cpp", _CSRC / "dp_clip.cu")
 
 # Tile of the cooperative kernel (csrc/dp_clip.cu: DP_TILE_O × DP_TILE_I outputs per block).
 _TILE_O = 32
@@ -37,22 +45,130 @@ _TILE_I = 32
 _warned: list[bool] = []
 
 
+class _CudaKernel:
+    """The compiled extension, or the reason it is unavailable; built at most once per process."""
+
+    def __init__(self) -> None:
+        self.module: ModuleType | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def build(self) -> None:
+        with self._lock:
+            if self.module is not None or self.error is not None:
+                return
+            missing = [str(p) for p in _SOURCES if not p.exists()]
+            if missing:
+                self.error = (f"CUDA sources not found ({', '.join(missing)}: csrc/ is not shipped in this "
+                              "install); install memtrain from a checkout with `pip install -e .`")
+                return
+            try:
+                from torch.utils.cpp_extension import load
+
+                self.module = load(name="memtrain_dp_clip", sources=[str(p) for p in _SOURCES],
+                                   extra_cuda_cflags=["-O3"], verbose=False)
+            except Exception as exc:  # OSError (no CUDA_HOME), ImportError (bad .so), RuntimeError (compiler) ...
+                self.error = f"{type(exc).__name__}: {exc}".strip()
+
+
+_KERNEL = _CudaKernel()
+
+
+def prepare(device: torch.device | str | int | None = None) -> bool:
+    """Compile (or load from torch's extension cache) the cooperative CUDA kernel now, outside any backward.
+
+    Call once before training (``flashdp.make_private`` does). The first call on a machine compiles for a
+    minute or so; a failure is remembered, warned about once, and never retried in this process.
+
+    Args:
+        device: the CUDA device the kernel will run on (default: the current one).
+
+    Returns:
+        Whether the kernel can run on ``device``; :func:`cuda_once_status` says why not.
+    """
+    if not torch.cuda.is_available():
+        return False
+    _KERNEL.build()
+    if _KERNEL.module is None:
+        if not _warned:
+            _warned.append(True)
+            warnings.warn(f"dp_clip_once: the cooperative CUDA kernel is unavailable ({_KERNEL.error}); layers "
+                          "use the two-pass path", RuntimeWarning, stacklevel=2)
+        return False
+    index = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+    # one tile: whether this device launches cooperative kernels at all (per-layer fits: cuda_once_reason)
+    return _KERNEL.module.dp_clip_once_refusal(
+        torch.cuda.current_device() if index.index is None else index.index, _TILE_O, _TILE_I) == ""
+
+
+def cuda_once_status() -> str:
+    """One line for the environment report: whether the cooperative CUDA kernel is ready, and if not, why."""
+    if not torch.cuda.is_available():
+        return "unavailable: no CUDA device"
+    if _KERNEL.module is not None:
+        return "ready"
+    if _KERNEL.error is not None:
+        return f"unavailable: build failed ({_KERNEL.error})"
+    return "not built: call memtrain.kernels.dp_clip_once.prepare(device) before the first backward"
+
+
+def cuda_once_reason(d_out: int, d_in: int, device: torch.device | None = None, *, dtype: torch.dtype = torch.float32,
+                     has_bias: bool = False, layout: str = "out_in") -> str | None:
+    """Why the cooperative CUDA kernel cannot clip this layer, or None when it can.
+
+    Args:
+        d_out, d_in: the weight's shape.
+        device: the CUDA device (default: the current one).
+        dtype: dtype of the layer's output gradient and input (the kernel reads fp32).
+        has_bias: whether the layer's bias is clipped with its weight (the kernel clips weights only).
+        layout: ``"out_in"`` (nn.Linear) or ``"in_out"`` (GPT-2 Conv1D; the kernel writes (out, in)).
+    """
+    if has_bias:
+        return "the kernel clips weight-only layers; this one has a bias"
+    if dtype != torch.float32:
+        return f"the kernel reads fp32 gradients; this layer's are {dtype}"
+    if layout != "out_in":
+        return f"the kernel writes nn.Linear's (out, in) weight layout; this layer's is {layout!r}"
+    status = cuda_once_status()
+    if status != "ready":
+        return status
+    props = torch.cuda.get_device_properties(device)
+    tiles = -(-d_out // _TILE_O) * -(-d_in // _TILE_I)
+    # 256 threads per block, a few KiB of shared memory: conservatively 2 resident blocks per SM.
+    if tiles > 2 * props.multi_processor_count:
+        return (f"{tiles} output tiles of {_TILE_O}x{_TILE_I} exceed the {2 * props.multi_processor_count} that "
+                f"stay co-resident on {props.name}")
+    return None
+
+
+def cuda_once_fits(d_out: int, d_in: int, device: torch.device | None = None, *, dtype: torch.dtype = torch.float32,
+                   has_bias: bool = False, layout: str = "out_in") -> bool:
+    """Whether the cooperative CUDA kernel clips this layer (see :func:`cuda_once_reason` for the reason why not).
+
+    False until :func:`prepare` has built the kernel: a backward pass never compiles it.
+    """
+    return cuda_once_reason(d_out, d_in, device, dtype=dtype, has_bias=has_bias, layout=layout) is None
+
+
 def _chunk(per_sample_bytes: int, budget: int = 32 << 20) -> int:
     return max(1, budget // max(per_sample_bytes, 1))
 
 
 def _dp_clip_once_torch(G: Tensor, X: Tensor, grad_w: Tensor | None, grad_b: Tensor | None, max_norm: float,
-                        scale: float, layout: str = "out_in") -> Tensor:
+                        scale: float, layout: str = "out_in", budget: int = 32 << 20) -> Tensor:
+    """Chunks of samples whose per-sample gradients (chunk × out × in) fit ``budget`` bytes."""
     B, _, d_out = G.shape
     d_in = X.shape[2]
     sq = torch.zeros(B, dtype=torch.float32, device=G.device)
-    step = _chunk(d_in * d_out * G.element_size())
+    step = _chunk(d_in * d_out * G.element_size(), budget)
     for s in range(0, B, step):
         g = G[s:s + step]
         x = X[s:s + step]
         p = torch.bmm(g.transpose(1, 2), x) if layout == "out_in" else torch.bmm(x.transpose(1, 2), g)
         pf = p.flatten(1)
-        sq_c = torch.linalg.vector_norm(pf, dim=1, dtype=torch.float32).square()
+        # Norms of rows, then a (pairwise) sum of their squares: torch's fp32 vector_norm over a whole
+        # 2048x2048 sample drifts by ~3e-4 relative on CPU; over rows it stays within ~1e-7.
+        sq_c = torch.linalg.vector_norm(p, dim=2, dtype=torch.float32).square().sum(1)
         gb = g.sum(1, dtype=torch.float32) if grad_b is not None else None
         if gb is not None:
             sq_c += gb.square().sum(1)
@@ -66,64 +182,15 @@ def _dp_clip_once_torch(G: Tensor, X: Tensor, grad_w: Tensor | None, grad_b: Ten
     return sq
 
 
-@functools.cache
-def _load_cuda():  # pragma: no cover - needs CUDA
-    from torch.utils.cpp_extension import load_inline
-
-    if not _CSRC.exists():
-        raise RuntimeError(
-            f"dp_clip_once: CUDA source {_CSRC} not found (csrc/ is not shipped in a non-editable install); "
-            "install memtrain from a checkout with `pip install -e .`, or force the two-pass path with "
-            "FLASHDP_PATH=ghost"
-        )
-    cpp = r"""
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
-extern "C" int dp_clip_once_launch(const float* g, const float* x, float* grad_w, float* sq_out,
-                                   int B, int T, int d_out, int d_in, float max_norm, float scale,
-                                   void* stream);
-torch::Tensor dp_clip_once(torch::Tensor g, torch::Tensor x, torch::Tensor grad_w, double max_norm, double scale) {
-  TORCH_CHECK(g.is_cuda() && x.is_cuda() && grad_w.is_cuda(), "dp_clip_once: tensors must be on CUDA");
-  TORCH_CHECK(g.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat &&
-              grad_w.scalar_type() == torch::kFloat, "dp_clip_once: fp32 tensors only");
-  TORCH_CHECK(g.is_contiguous() && x.is_contiguous() && grad_w.is_contiguous(), "dp_clip_once: contiguous only");
-  auto sq = torch::zeros({g.size(0)}, g.options());
-  int rc = dp_clip_once_launch(g.data_ptr<float>(), x.data_ptr<float>(), grad_w.data_ptr<float>(),
-                               sq.data_ptr<float>(), g.size(0), g.size(1), g.size(2), x.size(2),
-                               (float)max_norm, (float)scale, at::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(rc == 0, "dp_clip_once: cooperative launch failed (code ", rc, "); the layer's tiles do not fit "
-              "co-resident: use the two-pass path");
-  return sq;
-}
-"""
-    return load_inline(
-        name="memtrain_dp_clip",
-        cpp_sources=[cpp],
-        cuda_sources=[_CSRC.read_text()],
-        functions=["dp_clip_once"],
-        extra_cuda_cflags=["-O3"],
-        verbose=False,
-    )
-
-
-def cuda_once_fits(d_out: int, d_in: int, device: torch.device | None = None) -> bool:
-    """Whether a layer's output tiles fit co-resident for the cooperative kernel (one block per tile)."""
-    if not torch.cuda.is_available():
-        return False
-    props = torch.cuda.get_device_properties(device)
-    tiles = -(-d_out // _TILE_O) * -(-d_in // _TILE_I)
-    # 256 threads per block, a few KiB of shared memory: conservatively 2 resident blocks per SM.
-    return tiles <= 2 * props.multi_processor_count
-
-
 def _dp_clip_once_cuda(G: Tensor, X: Tensor, grad_w: Tensor, grad_b: Tensor | None, max_norm: float,
                        scale: float) -> Tensor:  # pragma: no cover - needs CUDA
-    mod = _load_cuda()
-    g = G.float().contiguous()
-    x = X.float().contiguous()
     if grad_b is not None:
         raise ValueError("dp_clip_once_: the CUDA kernel handles weight-only layers; use the two-pass path")
-    return mod.dp_clip_once(g, x, grad_w, float(max_norm), float(scale))
+    _KERNEL.build()
+    if _KERNEL.module is None:
+        raise RuntimeError(f"dp_clip_once_: the cooperative CUDA kernel is unavailable ({_KERNEL.error})")
+    return _KERNEL.module.dp_clip_once(G.float().contiguous(), X.float().contiguous(), grad_w, float(max_norm),
+                                       float(scale))
 
 
 def dp_clip_once_(G: Tensor, X: Tensor, grad_w: Tensor | None, grad_b: Tensor | None, max_norm: float,
@@ -141,14 +208,15 @@ def dp_clip_once_(G: Tensor, X: Tensor, grad_w: Tensor | None, grad_b: Tensor | 
     Returns:
         (B,) fp32 raw squared norms ``‖G_bᵀX_b‖² (+ bias)``.
     """
-    if (G.device.type == "cuda" and grad_w is not None and grad_b is None and layout == "out_in"
-            and grad_w.dtype == torch.float32 and grad_w.is_contiguous()
-            and cuda_once_fits(G.shape[2], X.shape[2], G.device)):  # pragma: no cover - needs CUDA
+    if (G.device.type == "cuda" and grad_w is not None and grad_w.dtype == torch.float32 and grad_w.is_contiguous()
+            and X.dtype == G.dtype
+            and cuda_once_fits(G.shape[2], X.shape[2], G.device, dtype=G.dtype, has_bias=grad_b is not None,
+                               layout=layout)):  # pragma: no cover - needs CUDA
         try:
             return _dp_clip_once_cuda(G, X, grad_w, grad_b, max_norm, scale)
-        except RuntimeError as exc:  # not compilable here, or the tiles do not fit: same result, chunked path
+        except RuntimeError as exc:  # the launch was refused (its CUDA error is cleared): same result, chunked path
             if not _warned:
                 _warned.append(True)
-                warnings.warn(f"dp_clip_once_: the cooperative CUDA kernel is unavailable ({exc}); using the "
+                warnings.warn(f"dp_clip_once_: the cooperative CUDA kernel did not run ({exc}); using the "
                               "chunked torch path", RuntimeWarning, stacklevel=2)
     return _dp_clip_once_torch(G, X, grad_w, grad_b, max_norm, scale, layout)

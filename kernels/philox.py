@@ -2,8 +2,16 @@
 
 The stream is defined once, in ``csrc/philox.h``; this module holds its Triton twin (device functions
 used by every noise kernel, plus the fill kernel ``_philox_fill_kernel``) and its torch twin (the
-always-available fallback). All three repeat the same fp32 operations, so z agrees across CPU, CUDA
-and backends to a few ulp (bitwise for the integer words).
+always-available fallback). All of them evaluate the same fp32 operations, each rounded once to
+nearest-even and none contracted into an FMA, so z is the same bits on every backend:
+
+- C++ (csrc/zo_cpu.cpp): built with ``-ffp-contract=off`` and without ``-ffast-math`` (setup.py);
+- Triton: ``tl.div_rn`` / ``tl.sqrt_rn`` (correctly rounded; plain ``/`` and ``tl.sqrt`` lower to
+  approximate PTX instructions on NVIDIA GPUs) and launches with ``enable_fp_fusion=False``, so the
+  PTX holds ``mul.rn`` / ``add.rn``, which ptxas may not contract;
+- torch twin: one torch op per operation; the square root is taken in float64 and rounded once to
+  fp32 (torch's own fp32 ``sqrt`` on CPU is not always correctly rounded; a float64 square root
+  rounded to fp32 is, since 53 >= 2·24 + 2).
 
 ``philox_fill_(out, seed, stream)`` writes z into ``out``; it exists to inspect and test the stream
 (the optimisers never materialise z: see :mod:`memtrain.kernels.zo_perturb`).
@@ -15,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from memtrain._cpp import cpp_available, require_cpp, warn_fallback_once
+from memtrain.kernels._launch import checked_grid, require_triton_device
 
 try:  # Triton is optional: CPU use never needs it.
     import triton
@@ -46,6 +55,16 @@ def split64(value: int) -> tuple[int, int]:
     """(low, high) 32-bit words of a 64-bit unsigned value (negative values wrap modulo 2**64)."""
     value %= 1 << 64
     return value & MASK32, value >> 32
+
+
+def int32_words(value: int) -> tuple[int, int]:
+    """(low, high) 32-bit words of a 64-bit value as signed int32 bit patterns: the form Triton kernels take.
+
+    Triton types a Python int argument by its value (int32, then int64/uint64), so passing raw uint32
+    words would compile a second kernel whenever a word reaches 2**31; signed patterns always type as
+    int32 and the kernels reinterpret them as uint32.
+    """
+    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in split64(value))
 
 
 def as_int64(value: int) -> int:
@@ -116,7 +135,7 @@ if HAS_TRITON:
         shifted = x.to(tl.uint32, bitcast=True) + (0x3F800000 - 0x3F3504F3)
         k = ((shifted >> 23).to(tl.int32) - 127).to(tl.float32)
         f = ((shifted & 0x007FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True) - 1.0
-        s = f / (2.0 + f)
+        s = tl.div_rn(f, 2.0 + f)
         s2 = s * s
         tail = s2 * (0.666666666666666667 + s2 * (0.4 + s2 * (0.285714285714285714 + s2 * 0.222222222222222222)))
         return k * 0.693145751953125 + (2.0 * s + (s * tail + k * 1.428606765330187e-06))
@@ -138,7 +157,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _noise_block(counter, stream_lo, stream_hi, seed_lo, seed_hi, DIST: tl.constexpr):
-        """z for the 4·len(counter) elements of the given Philox counters (int64), in element order."""
+        """z for the 4·len(counter) elements of the given Philox counters (int64), in element order.
+
+        The key words are uint32 scalars (see :func:`_u32`). Callers launch with ``enable_fp_fusion=False``.
+        """
         c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
         c1 = (counter >> 32).to(tl.uint32)
         c2 = tl.zeros_like(c0) + stream_lo
@@ -150,9 +172,9 @@ if HAS_TRITON:
             z2 = tl.where((w2 >> 31) != 0, 1.0, -1.0)
             z3 = tl.where((w3 >> 31) != 0, 1.0, -1.0)
         else:
-            r01 = tl.sqrt(-2.0 * _log_positive(_unit_open(w0)))
+            r01 = tl.sqrt_rn(-2.0 * _log_positive(_unit_open(w0)))
             cos01, sin01 = _sincos_2pi(_unit_open(w1))
-            r23 = tl.sqrt(-2.0 * _log_positive(_unit_open(w2)))
+            r23 = tl.sqrt_rn(-2.0 * _log_positive(_unit_open(w2)))
             cos23, sin23 = _sincos_2pi(_unit_open(w3))
             z0 = r01 * cos01
             z1 = r01 * sin01
@@ -182,46 +204,49 @@ if HAS_TRITON:
         return tl.load(words_ptr + index).to(tl.uint32, bitcast=True)
 
     @triton.jit
-    def _philox_fill_kernel(out_ptr, n, offset, words_ptr, DIST: tl.constexpr, BLOCK: tl.constexpr):
-        """out[l] = z(seed, stream, offset + l); words = [stream_lo, stream_hi, seed_lo, seed_hi] (int32)."""
+    def _u32(word):
+        """An int32 scalar argument (a bit pattern from :func:`int32_words`) as uint32."""
+        return word.to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _counters(offset, BLOCK: tl.constexpr):
+        """(Philox counters, element index relative to ``offset``) of this program's block, both int64."""
         pid = tl.program_id(0).to(tl.int64)
-        first = offset // 4
+        first = offset // 4  # int32 or int64 scalar; the sums below are int64 through pid
         counter = first + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
-        z = _noise_block(
-            counter, _load_key(words_ptr, 0), _load_key(words_ptr, 1), _load_key(words_ptr, 2),
-            _load_key(words_ptr, 3), DIST,
-        )
         local = 4 * first + pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64) - offset
+        return counter, local
+
+    # The key words vary per call: never specialise on their values (a word equal to 1 or divisible by 16
+    # would otherwise compile a kernel variant of its own).
+    @triton.jit(do_not_specialize=["stream_lo", "stream_hi", "seed_lo", "seed_hi"])
+    def _philox_fill_kernel(out_ptr, n, offset, stream_lo, stream_hi, seed_lo, seed_hi,
+                            DIST: tl.constexpr, BLOCK: tl.constexpr):
+        """out[l] = z(seed, stream, offset + l); key words as int32 bit patterns."""
+        counter, local = _counters(offset, BLOCK)
+        z = _noise_block(counter, _u32(stream_lo), _u32(stream_hi), _u32(seed_lo), _u32(seed_hi), DIST)
         mask = (local >= 0) & (local < n)
         _store_rounded(out_ptr + local, z, mask)
 
 
-def key_words(stream: int, seeds: list[int] | tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """int32 tensor [stream_lo, stream_hi, seed0_lo, seed0_hi, ...] (bit patterns) for the Triton kernels."""
-    words = [*split64(stream)]
-    for seed in seeds:
-        words.extend(split64(seed))
-    as_signed = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
-    host = torch.tensor(as_signed, dtype=torch.int32)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
+# Launch options of the noise kernels: no FMA contraction (z is the same bits as the C++ and torch twins).
+NOISE_LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
 
 
-def launch_grid(numel: int, offset: int, block: int) -> tuple[int]:
-    """Programs needed to cover elements [offset, offset + numel) in counter-aligned blocks."""
+def launch_grid(numel: int, offset: int, block: int, op: str = "philox_fill_") -> tuple[int]:
+    """Programs needed to cover elements [offset, offset + numel) in counter-aligned blocks (axis 0 only)."""
     first = (offset // 4) * 4
-    return (triton.cdiv(offset + numel - first, block),)
+    return checked_grid((-(-(offset + numel - first) // block),), op, f"{numel} elements")
 
 
 def _philox_fill_triton(out: torch.Tensor, seed: int, stream: int, dist: int, offset: int) -> None:
+    require_triton_device("philox_fill_", out)
     flat = flat_memory_view(out, "philox_fill_")
     if flat.numel() == 0:
         return
     block = 1024
-    words = key_words(stream, [seed], out.device)
     _philox_fill_kernel[launch_grid(flat.numel(), offset, block)](
-        flat, flat.numel(), offset, words, DIST=dist, BLOCK=block
+        flat, flat.numel(), offset, *int32_words(stream), *int32_words(seed), DIST=dist, BLOCK=block, **NOISE_LAUNCH,
     )
 
 
@@ -294,7 +319,8 @@ def noise_torch(numel: int, seed: int, stream: int, dist: int, offset: int, devi
     else:
         z = []
         for a, b in ((words[0], words[1]), (words[2], words[3])):
-            radius = torch.sqrt(-2.0 * _log_positive_torch(_unit_open_torch(a)))
+            # float64 square root rounded once to fp32: the correctly rounded fp32 square root
+            radius = torch.sqrt((-2.0 * _log_positive_torch(_unit_open_torch(a))).double()).float()
             c, s = _sincos_2pi_torch(_unit_open_torch(b))
             z.extend((radius * c, radius * s))
     flat = torch.stack(z, dim=1).reshape(-1)

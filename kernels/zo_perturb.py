@@ -5,78 +5,132 @@ One read and one write of ``p``; z is regenerated in registers (Triton), in an L
 (a = ±ε) or flips (a = -2ε); with one term and c = -lr·wd it restores and updates; with two terms it
 also applies the next perturbation (ZO2's fusion of the update of step t into the perturbation of
 step t+1). Arithmetic is fp32 for fp32/bf16/fp16 parameters and fp64 for fp64 ones; the new value is
-``p + (Σ_j a_j z_j + c p)``, rounded once to p's dtype.
+``p + (Σ_j a_j z_j + c p)``, rounded once to p's dtype. Every backend performs these operations in the
+same order with the same roundings and no FMA contraction, so C++, torch and Triton give the same bits.
+On CUDA a call is one kernel launch whose seeds and coefficients are scalar arguments (up to
+``SCALAR_TERMS`` terms; each further term costs a share of one small host-to-device copy).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import torch
 
 from memtrain._cpp import cpp_available, require_cpp, warn_fallback_once
+from memtrain.kernels._launch import require_triton_device
 from memtrain.kernels.philox import (
     HAS_TRITON,
+    NOISE_LAUNCH,
     as_int64,
     check_float_tensor,
     dist_code,
     flat_memory_view,
-    key_words,
+    int32_words,
     launch_grid,
     noise_torch,
     torch_chunks,
 )
 
+# Noise terms passed to the Triton kernel as scalar arguments (seed words and coefficient): no host tensor,
+# no host-to-device copy, nothing but the launch itself. ZO training uses one term (perturb, flip, restore)
+# or two (update + next perturbation); the slots cover up to four. Further terms travel in one small int32
+# tensor (seed words and coefficient bits, one host-to-device copy per call) and are read by every program:
+# the result stays one pass with one rounding, bit for bit the C++ result, at the cost of that copy.
+SCALAR_TERMS = 4
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from memtrain.kernels.philox import _load_key, _noise_block, _store_rounded
+    from memtrain.kernels.philox import _counters, _load_key, _noise_block, _store_rounded, _u32
 
     @triton.jit
+    def _f64_from_words(lo, hi):
+        """The float64 whose bits are (hi << 32) | lo (int32 bit patterns)."""
+        bits = (_u32(hi).to(tl.uint64) << 32) | _u32(lo).to(tl.uint64)
+        return bits.to(tl.float64, bitcast=True)
+
+    @triton.jit(do_not_specialize=[
+        "stream_lo", "stream_hi", "seed0_lo", "seed0_hi", "seed1_lo", "seed1_hi", "seed2_lo", "seed2_hi",
+        "seed3_lo", "seed3_hi", "c64_lo", "c64_hi",
+    ])
     def _zo_perturb_kernel(
-        p_ptr, n, offset, words_ptr, coefs_ptr, c,
+        p_ptr, n, offset, stream_lo, stream_hi,
+        seed0_lo, seed0_hi, a0, seed1_lo, seed1_hi, a1, seed2_lo, seed2_hi, a2, seed3_lo, seed3_hi, a3,
+        extra_ptr, c, c64_lo, c64_hi,
         N_TERMS: tl.constexpr, DIST: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """words = [stream_lo, stream_hi, seed_j_lo, seed_j_hi ...] (int32 bits), coefs = [a_j] (fp32)."""
-        pid = tl.program_id(0).to(tl.int64)
-        first = offset // 4
-        counter = first + pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.int64)
-        stream_lo = _load_key(words_ptr, 0)
-        stream_hi = _load_key(words_ptr, 1)
+        """p += Σ_j a_j z(seed_j) + c p over this program's block.
+
+        Terms 0-3: scalar arguments (int32 key-word bit patterns, fp32 coefficients); terms 4 and up:
+        ``extra_ptr`` = int32 [seed_lo, seed_hi, coefficient bits] per term. ``c`` is fp32(c) for
+        fp32/bf16/fp16 parameters; float64 parameters use the exact double from (c64_lo, c64_hi).
+        """
+        counter, local = _counters(offset, BLOCK)
+        s_lo = _u32(stream_lo)
+        s_hi = _u32(stream_hi)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in tl.static_range(N_TERMS):
-            z = _noise_block(counter, stream_lo, stream_hi, _load_key(words_ptr, 2 + 2 * j),
-                             _load_key(words_ptr, 3 + 2 * j), DIST)
-            acc += tl.load(coefs_ptr + j) * z
-        local = 4 * first + pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64) - offset
+        if N_TERMS > 0:
+            acc += a0 * _noise_block(counter, s_lo, s_hi, _u32(seed0_lo), _u32(seed0_hi), DIST)
+        if N_TERMS > 1:
+            acc += a1 * _noise_block(counter, s_lo, s_hi, _u32(seed1_lo), _u32(seed1_hi), DIST)
+        if N_TERMS > 2:
+            acc += a2 * _noise_block(counter, s_lo, s_hi, _u32(seed2_lo), _u32(seed2_hi), DIST)
+        if N_TERMS > 3:
+            acc += a3 * _noise_block(counter, s_lo, s_hi, _u32(seed3_lo), _u32(seed3_hi), DIST)
+        for j in tl.static_range(4, N_TERMS):
+            a = tl.load(extra_ptr + 3 * (j - 4) + 2).to(tl.float32, bitcast=True)
+            acc += a * _noise_block(counter, s_lo, s_hi, _load_key(extra_ptr, 3 * (j - 4)),
+                                    _load_key(extra_ptr, 3 * (j - 4) + 1), DIST)
         mask = (local >= 0) & (local < n)
         p = tl.load(p_ptr + local, mask=mask)
         if p_ptr.dtype.element_ty == tl.float64:
-            tl.store(p_ptr + local, p + (acc.to(tl.float64) + c * p), mask=mask)
+            tl.store(p_ptr + local, p + (acc.to(tl.float64) + _f64_from_words(c64_lo, c64_hi) * p), mask=mask)
         else:
             pf = p.to(tl.float32)
             _store_rounded(p_ptr + local, pf + (acc + c * pf), mask)
 
 
-def _coef_tensor(coefs: Sequence[float], device: torch.device) -> torch.Tensor:
-    host = torch.tensor([float(a) for a in coefs], dtype=torch.float32)
+def _extra_terms(seeds: Sequence[int], coefs: Sequence[float], device: torch.device) -> torch.Tensor:
+    """int32 [seed_lo, seed_hi, fp32 coefficient bits] per term, on ``device`` (one copy from pinned memory)."""
+    words = [w for seed in seeds for w in int32_words(seed)]
+    host = torch.tensor(words, dtype=torch.int32).view(-1, 2)
+    bits = torch.tensor([float(a) for a in coefs], dtype=torch.float32).view(torch.int32).view(-1, 1)
+    host = torch.cat([host, bits], dim=1).reshape(-1)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host
 
 
+def _scalar_term_args(seeds: Sequence[int], coefs: Sequence[float]) -> list:
+    """The kernel's scalar slots: (seed_lo, seed_hi, a) for the first SCALAR_TERMS terms, zeros after."""
+    args: list = []
+    for j in range(SCALAR_TERMS):
+        if j < len(seeds):
+            args.extend((*int32_words(seeds[j]), float(coefs[j])))
+        else:
+            args.extend((0, 0, 0.0))
+    return args
+
+
 def _zo_perturb_triton(
     p: torch.Tensor, seeds: Sequence[int], coefs: Sequence[float], stream: int, c: float, dist: int, offset: int
 ) -> None:
+    require_triton_device("zo_perturb_", p)
     flat = flat_memory_view(p, "zo_perturb_")
     if flat.numel() == 0:
         return
+    extra = _extra_terms(seeds[SCALAR_TERMS:], coefs[SCALAR_TERMS:], p.device) if len(seeds) > SCALAR_TERMS else flat
+    c64_lo, c64_hi = int32_words(struct.unpack("<Q", struct.pack("<d", float(c)))[0])
     # 1024 elements (256 Philox counters) per program, 4 warps: each thread owns 8 elements of one block.
+    # No FMA contraction: z and the update are the same bits as the C++ and torch twins (see philox.py).
     block = 1024
-    _zo_perturb_kernel[launch_grid(flat.numel(), offset, block)](
-        flat, flat.numel(), offset, key_words(stream, seeds, p.device), _coef_tensor(coefs, p.device), float(c),
-        N_TERMS=len(seeds), DIST=dist, BLOCK=block, num_warps=4,
+    _zo_perturb_kernel[launch_grid(flat.numel(), offset, block, "zo_perturb_")](
+        flat, flat.numel(), offset, *int32_words(stream), *_scalar_term_args(seeds, coefs),
+        extra, float(c), c64_lo, c64_hi,
+        N_TERMS=len(seeds), DIST=dist, BLOCK=block, **NOISE_LAUNCH,
     )
 
 

@@ -47,6 +47,26 @@ def device(request) -> str:
     return request.param
 
 
+# Triton launchers read their tensors where the kernels run: on the GPU when there is one (compiled
+# kernels), on the CPU under the interpreter otherwise (TRITON_INTERPRET=1, set above).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def fp32_matmul_exact():
+    """torch's fp32 matmuls (cuBLAS) in IEEE fp32 for the test, whatever the session set (no TF32)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
+def triton_device() -> str:
+    """The device of the tensors a test passes to a ``_<op>_triton`` launcher (results come back with .cpu())."""
+    return TRITON_DEVICE
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,87 +1,77 @@
 """Per-layer microbenchmark of the DP Linear backward paths against the non-DP weight GEMM (CPU or CUDA).
 
-    python bench/kernels/bench_dp_clip_once.py                      # the Llama-512 preset's layer shapes
-    python bench/kernels/bench_dp_clip_once.py --shapes 32,128,512,512 --out bench/results/flashdp_kernels_cpu.json
+    python -m memtrain.bench.kernels.bench_dp_clip_once          # CUDA: Llama-7B layers, bf16, B=8, T=512
+    python -m memtrain.bench.kernels.bench_dp_clip_once          # CPU: the Llama-512 preset's layers, fp32
+    python -m memtrain.bench.kernels.bench_dp_clip_once --shapes 32,128,512,512 --reps 3 \\
+        --out bench/results/flashdp_kernels_cpu.json
 
-For each (B, T, d_in, d_out): time of ``Gᵀ X`` (non-DP dW), and of each DP path (norms + factors + clipped sum):
-``once`` (per-sample tiles in cache-sized chunks), ``ghost`` (Gram norms + row-scaled GEMM), ``direct``
-(per-sample norms + row-scaled GEMM). Median of ``--reps`` after a warm-up (torch.utils.benchmark on CPU).
+For each (B, T, d_in, d_out): time of ``Gᵀ X`` (non-DP dW, BLAS: cuBLAS on CUDA), and of each DP path (norms +
+factors + clipped sum): ``once`` (memtrain.kernels.dp_clip_once: per-sample tiles in cache-sized chunks, or on
+CUDA the cooperative kernel for the fp32 bias-free layers it serves, built by prepare() first), ``ghost``
+(Gram norms + row-scaled GEMM), ``direct`` (per-sample norms + row-scaled GEMM). Interleaved rounds after a
+warm-up round; median, p20 and p80 (CUDA events on a GPU).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import time
-
 import torch
-import torch.utils.benchmark as tb
 
+from memtrain.bench._harness import print_table
+from memtrain.bench.kernels._layers import parser, resolve, save, time_layers
+from memtrain.kernels import dp_clip_once as O
 from memtrain.kernels.dp_clip_accumulate import clip_factors, dp_clip_accumulate_
-from memtrain.kernels.dp_clip_once import dp_clip_once_
 from memtrain.kernels.dp_linear_norms import dp_linear_norms
 
-DEFAULT = ["32,128,512,512", "32,128,512,1376", "32,128,1376,512", "32,128,512,32000", "32,128,32000,512"]
+CPU_DEFAULT = ["32,128,512,512", "32,128,512,1376", "32,128,1376,512", "32,128,512,32000", "32,128,32000,512"]
 
 
-def _time(fn, reps: int) -> float:
-    t = tb.Timer(stmt="fn()", globals={"fn": fn})
-    return t.blocked_autorange(min_run_time=0.2).median if reps <= 0 else t.timeit(reps).median
-
-
-def bench(B: int, T: int, d_in: int, d_out: int, reps: int, device: str, dtype: torch.dtype) -> dict:
-    G = torch.randn(B, T, d_out, device=device, dtype=dtype)
-    X = torch.randn(B, T, d_in, device=device, dtype=dtype)
-    gw = torch.zeros(d_out, d_in, device=device, dtype=dtype)
-    gb = torch.zeros(d_out, device=device, dtype=dtype)
+def methods(G: torch.Tensor, X: torch.Tensor, bias: bool) -> dict:
+    B, _, d_out = G.shape
+    d_in = X.shape[2]
+    gw = torch.zeros(d_out, d_in, device=G.device)
+    gb = torch.zeros(d_out, device=G.device) if bias else None
     g2, x2 = G.reshape(-1, d_out), X.reshape(-1, d_in)
-    flops = 2 * B * T * d_in * d_out
-    res = {"B": B, "T": T, "d_in": d_in, "d_out": d_out, "device": device, "dtype": str(dtype)}
 
     def nondp():
-        gw.addmm_(g2.t(), x2)
-        gb.add_(g2.sum(0))
-
-    def once():
-        dp_clip_once_(G, X, gw, gb, 1.0, float(B))
+        gw.add_(torch.mm(g2.t(), x2).to(gw.dtype))
+        if gb is not None:
+            gb.add_(g2.sum(0, dtype=torch.float32))
 
     def two_pass(method):
         def f():
-            sq = dp_linear_norms(G, X, with_bias=True, method=method)
+            sq = dp_linear_norms(G, X, with_bias=bias, method=method)
             dp_clip_accumulate_(G, X, clip_factors(sq, 1.0, float(B)), gw, gb)
         return f
 
-    for name, fn in [("nondp", nondp), ("once", once), ("ghost", two_pass("ghost")), ("direct", two_pass("direct"))]:
-        s = _time(fn, reps)
-        res[f"{name}_ms"] = s * 1e3
-        res[f"{name}_tflops"] = flops / s / 1e12
-    for name in ("once", "ghost", "direct"):
-        res[f"{name}_vs_nondp"] = res["nondp_ms"] / res[f"{name}_ms"]
-    return res
+    return {"nondp": nondp, "once": lambda: O.dp_clip_once_(G, X, gw, gb, 1.0, float(B)),
+            "ghost": two_pass("ghost"), "direct": two_pass("direct")}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="*", default=DEFAULT, help="B,T,d_in,d_out")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    rows = []
-    print(f"{'B,T,in,out':<22}{'nondp ms':>10}{'once':>9}{'ghost':>9}{'direct':>9}   (ms; ratio = nondp/path)")
-    for s in args.shapes:
-        B, T, d_in, d_out = map(int, s.split(","))
-        r = bench(B, T, d_in, d_out, args.reps, args.device, getattr(torch, args.dtype))
-        rows.append(r)
-        print(f"{s:<22}{r['nondp_ms']:>10.1f}" + "".join(
-            f"{r[k + '_ms']:>7.1f}/{r[k + '_vs_nondp']:.2f}" for k in ("once", "ghost", "direct")), flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
+def main(argv: list[str] | None = None) -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--no-bias", action="store_true", help="weight-only layers (what the CUDA kernel serves)")
+    ap.set_defaults(rounds=5)
+    args = ap.parse_args(argv)
+    shapes, dtype = resolve(args, CPU_DEFAULT)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        O.prepare(args.device)
+    rows, results = [], []
+    for shape, (B, T, d_in, d_out), stats in time_layers(args, shapes, dtype,
+                                                         lambda G, X, g: methods(G, X, not args.no_bias)):
+        base = stats["nondp"]["median"]
+        served = cuda and O.cuda_once_fits(d_out, d_in, torch.device(args.device), dtype=dtype,
+                                           has_bias=not args.no_bias)
+        once_path = "cuda kernel" if served else "chunked BLAS"
+        for name, s in stats.items():
+            label = f"once ({once_path})" if name == "once" else name
+            rows.append([shape, label, 1e3 * s["median"], 1e3 * s["p20"], 1e3 * s["p80"], base / s["median"]])
+        results.append({"B": B, "T": T, "d_in": d_in, "d_out": d_out, "once_path": once_path, "stats": stats})
+    print_table(f"DP Linear backward paths on {args.device}, {dtype} inputs (ratio = non-DP time / path time)",
+                ["B,T,in,out", "path", "median ms", "p20 ms", "p80 ms", "nondp / path"], rows)
+    if cuda:
+        print(f"\ncooperative CUDA kernel: {O.cuda_once_status()}")
+    save("dp_clip_once", args, shapes, dtype, results)
 
 
 if __name__ == "__main__":

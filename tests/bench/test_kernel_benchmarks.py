@@ -1,8 +1,15 @@
-"""pytest-benchmark micro-benchmarks of each kernel, CPU and GPU (``pytest -m benchmark tests/bench``).
+"""Kernel benchmarks: the bench/kernels scripts run end to end at tiny sizes (default run), and
+pytest-benchmark micro-benchmarks of each kernel, CPU and GPU (``pytest -m benchmark tests/bench``).
 
-Deselected by default (pyproject addopts). Shapes are the OPT-125m/Llama-512 layer sizes scaled so that
-one call takes milliseconds on a 2-core CPU; on a GPU pass ``--benchmark-min-rounds`` for steadier figures.
+The micro-benchmarks are deselected by default (pyproject addopts). Shapes are the OPT-125m/Llama-512 layer
+sizes scaled so that one call takes milliseconds on a 2-core CPU; on a GPU pass ``--benchmark-min-rounds``
+for steadier figures.
 """
+
+import json
+import runpy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +21,34 @@ from memtrain.kernels.dp_linear_norms import dp_linear_norms
 from memtrain.kernels.philox import philox_fill_
 from memtrain.kernels.zo_perturb import zo_perturb_
 
-pytestmark = pytest.mark.benchmark
+KERNEL_BENCHES = {
+    "bench_dp_linear_norms": ["--shapes", "2,8,16,24", "3,5,7,9"],
+    "bench_dp_clip_accumulate": ["--shapes", "2,8,16,24", "3,5,7,9"],
+    "bench_dp_clip_once": ["--shapes", "2,8,16,24"],
+    "bench_zo_perturb": ["--numel", "4099"],
+}
+
+
+@pytest.mark.parametrize("name", KERNEL_BENCHES)
+def test_kernel_bench_runs(name, tmp_path, monkeypatch, capsys):
+    """``python -m memtrain.bench.kernels.<name>`` at tiny sizes: a table on stdout and a JSON record."""
+    out = tmp_path / f"{name}.json"
+    argv = [name, *KERNEL_BENCHES[name], "--rounds", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_module(f"memtrain.bench.kernels.{name}", run_name="__main__")
+    assert "median ms" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["results"] and record["env"]["device"] == "cpu"
+
+
+def test_kernel_bench_is_an_installed_module(tmp_path):
+    """Runs from any directory through the installed package (no sys.path insertion in the scripts)."""
+    out = tmp_path / "z.json"
+    subprocess.run([sys.executable, "-m", "memtrain.bench.kernels.bench_zo_perturb", "--numel", "1031", "--rounds",
+                    "1", "--warmup", "0", "--device", "cpu", "--out", str(out)], check=True, cwd=tmp_path,
+                   capture_output=True)
+    assert json.loads(out.read_text())["benchmark"] == "zo_perturb"
+
 
 NUMEL = 4_000_000
 B, T, D_IN, D_OUT = 8, 128, 512, 1376
@@ -33,12 +67,14 @@ def _bench(benchmark, fn, device):
     benchmark(call)
 
 
+@pytest.mark.benchmark
 @pytest.mark.parametrize("dist", ["normal", "rademacher"])
 def test_philox_fill(benchmark, device, dist):
     out = torch.empty(NUMEL, device=device)
     _bench(benchmark, lambda: philox_fill_(out, seed=1, stream=0, dist=dist), device)
 
 
+@pytest.mark.benchmark
 @pytest.mark.parametrize("terms", [1, 2])
 def test_zo_perturb(benchmark, device, terms):
     p = torch.zeros(NUMEL, device=device)
@@ -54,23 +90,27 @@ def layer(device):
     return G, X, torch.zeros(D_OUT, D_IN, device=device), torch.zeros(D_OUT, device=device)
 
 
+@pytest.mark.benchmark
 @pytest.mark.parametrize("method", ["ghost", "direct"])
 def test_dp_linear_norms(benchmark, device, layer, method):
     G, X, _, _ = layer
     _bench(benchmark, lambda: dp_linear_norms(G, X, with_bias=True, method=method), device)
 
 
+@pytest.mark.benchmark
 def test_dp_clip_accumulate(benchmark, device, layer):
     G, X, gw, gb = layer
     coef = clip_factors(dp_linear_norms(G, X, with_bias=True), 1.0, float(B))
     _bench(benchmark, lambda: dp_clip_accumulate_(G, X, coef, gw, gb), device)
 
 
+@pytest.mark.benchmark
 def test_dp_clip_once(benchmark, device, layer):
     G, X, gw, gb = layer
     _bench(benchmark, lambda: dp_clip_once_(G, X, gw, gb, 1.0, float(B)), device)
 
 
+@pytest.mark.benchmark
 def test_offload_ring_step(benchmark, device):
     """One offloaded ZO step of a small OPT: the transfer ring's cost over the forward passes."""
     from memtrain.bench.presets import build_model

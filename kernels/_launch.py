@@ -1,0 +1,57 @@
+"""Launch helpers shared by the Triton launchers: grid limits and device checks.
+
+CUDA caps a grid at 2³¹-1 programs on axis 0 and 65535 on axes 1 and 2; a launch past a limit fails
+with an opaque driver error (or, worse, silently launches fewer programs on some stacks). Every
+launcher therefore builds its grid through :func:`checked_grid`, which raises a ValueError naming the
+operation, the axis and the shape that asked for it. Nothing here imports Triton or touches a device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["GRID_LIMITS", "checked_grid", "interpreting", "require_triton_device"]
+
+# CUDA's maximum grid dimensions (x, y, z): cudaDeviceProp::maxGridSize on every architecture since sm_30.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def checked_grid(grid: Sequence[int], op: str, what: str = "") -> tuple[int, ...]:
+    """``grid`` as a tuple, or a ValueError when an axis is empty-negative or past CUDA's limit.
+
+    Args:
+        grid: programs per axis (1 to 3 axes).
+        op: the operation's name, for the message.
+        what: the shape that produced the grid (e.g. ``"B=8, T=4096, 4096x32000"``), for the message.
+    """
+    grid = tuple(int(g) for g in grid)
+    if not 1 <= len(grid) <= 3:
+        raise ValueError(f"{op}: a grid has 1 to 3 axes, got {grid}")
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS, strict=False)):
+        if n < 0 or n > limit:
+            raise ValueError(
+                f"{op}: grid axis {axis} needs {n} programs but CUDA allows at most {limit} "
+                f"({what or 'this shape'}); split the call (fewer samples or a shorter sequence per call)"
+            )
+    return grid
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` when the kernels were defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def require_triton_device(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise unless every tensor can be read by a Triton kernel: CUDA, or any device under the interpreter."""
+    if interpreting():
+        return
+    for t in tensors:
+        if t is not None and t.device.type != "cuda":
+            raise ValueError(
+                f"{op}: the Triton kernel needs CUDA tensors, got one on {t.device}; move the inputs to the GPU, "
+                "call the torch implementation for CPU tensors, or run under TRITON_INTERPRET=1"
+            )
+
