@@ -23,6 +23,7 @@ COMMON = """
 import os, sys
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 import zo2
 
@@ -45,9 +46,13 @@ def rows(ids, r):
 
 def sharded(name, **kw):
     model = BUILD[name]()
+    names = [n for n, _ in model.named_parameters()]
     for block in BLOCKS[name](model):
         fully_shard(block, **kw)
-    return fully_shard(model, **kw)
+    fully_shard(model, **kw)
+    # the stream ids are positions in this order: fully_shard must keep it (and the tie)
+    assert [n for n, _ in model.named_parameters()] == names
+    return model
 
 
 def full_params(model):
@@ -66,6 +71,9 @@ CONFIGS = {
     "opt-q2-error": ("opt", 2, {}, True),
     "llama-q1-keep-unsharded": ("llama", 1, {"reshard_after_forward": False}, False),
     "llama-q2-cpu-offload": ("llama", 2, {"offload_policy": CPUOffloadPolicy(pin_memory=False)}, False),
+    # HSDP: replicated over the 2 ranks, sharded over 1; the losses must still be averaged over both
+    "opt-q1-hsdp": ("opt", 1, {"mesh": init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))},
+                    False),
 }
 
 
@@ -343,12 +351,13 @@ def test_uneven_and_empty_shards_on_three_ranks(tmp_path, spawn_ranks):
     spawn_ranks(UNEVEN, 3, out, TESTS_DIR)
     ranks = [torch.load(f"{out}.{r}") for r in range(3)]
     assert ranks[2]["layout"]["0.weight"]["numel"] == 0 and ranks[2]["layout"]["2.weight"]["numel"] == 2
-    for r in ranks:
+    for rank, r in enumerate(ranks):
         for n, lay in r["layout"].items():
-            assert lay["offset"] == lay["expected"] or lay["numel"] == 0, (n, lay)
+            assert lay["offset"] == lay["expected"] or lay["numel"] == 0, (rank, n, lay)
             # z in fp32 against the float64 reference (<= 2e-6, tests/kernels/test_philox.py), halved, plus
             # one rounding of θ + 0.5z to fp32 (|θ| + 0.5|z| < 4: <= 2.4e-7); a wrong offset errs by O(1)
-            assert lay["noise_err"] < 2e-6, (n, lay)
+            assert lay["noise_err"] < 2e-6, (rank, n, lay)
+    for r in ranks:
         assert r["losses"] == ranks[0]["ref_losses"]
         for n, want in ranks[0]["ref_params"].items():
             assert torch.equal(r["params"][n], want), n
