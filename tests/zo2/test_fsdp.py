@@ -361,3 +361,17 @@ def test_uneven_and_empty_shards_on_three_ranks(tmp_path, spawn_ranks):
         assert r["losses"] == ranks[0]["ref_losses"]
         for n, want in ranks[0]["ref_params"].items():
             assert torch.equal(r["params"][n], want), n
+
+
+def test_bad_arguments_are_refused_without_processes():
+    import zo2
+
+    model = torch.nn.Linear(3, 2)
+    before = model.weight.detach().clone()
+    with pytest.raises(TypeError, match="process_group must be"):
+        zo2.ZOSGD(model.parameters(), lr=0.1, process_group="world").step(lambda: torch.tensor(1.0))
+    assert torch.equal(model.weight, before)  # refused before any pass
+    with pytest.raises(TypeError, match=r"needs a zo2\.ZOSGD"):
+        zo2.attach_fsdp(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="no fully_shard module"):
+        zo2.attach_fsdp(model, zo2.ZOSGD(model.parameters(), lr=0.1))
