@@ -21,10 +21,16 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from zo2.optimizer import ZOSGD
 
 __all__ = ["FSDPSharding", "attach_fsdp", "is_sharded", "local_shard"]
 
@@ -68,7 +74,7 @@ def local_shard(p: torch.Tensor, name: str = "parameter") -> tuple[torch.Tensor,
     return local, int(chunk.offsets[0]) * row
 
 
-def _fsdp_roots(modules: list[nn.Module], model: nn.Module) -> list[nn.Module]:
+def _fsdp_roots(modules: list[nn.Module]) -> list[nn.Module]:
     """The FSDP modules with no FSDP ancestor (each runs FSDP's root logic in its forward)."""
     inside: set[int] = set()
     for m in modules:
@@ -89,14 +95,19 @@ class FSDPSharding:
             m.reshard()
 
     def recover(self) -> None:
-        """After an error inside a forward: reset FSDP's per-iteration state (torch >= 2.13) and reshard."""
+        """After an error inside a forward: reset FSDP2's per-iteration state (where torch has
+        ``reset_iter_state``; 2.13 does) and reshard."""
         for root in self.roots:
-            if hasattr(root, "reset_iter_state"):
-                root.reset_iter_state()
+            reset = getattr(root, "reset_iter_state", None)
+            if reset is not None:
+                try:
+                    reset()
+                except RuntimeError:  # not the module FSDP initialised as its root; the step's error is re-raised
+                    pass
         self.reshard()
 
 
-def _mesh_of(params: list[tuple[str, torch.Tensor]]):
+def _mesh_of(params: list[tuple[str, torch.Tensor]]) -> DeviceMesh:
     meshes = {p.device_mesh for _, p in params}
     if len(meshes) > 1:
         raise ValueError(f"zo2.attach_fsdp: the parameters are sharded over {len(meshes)} different device meshes "
@@ -105,7 +116,7 @@ def _mesh_of(params: list[tuple[str, torch.Tensor]]):
     return meshes.pop()
 
 
-def _data_parallel_group(mesh, given: object):
+def _data_parallel_group(mesh: DeviceMesh, given: object) -> object:
     """The group to average the losses over: ``given`` if set (checked against the mesh's size), else the
     mesh's group (a 1-D mesh), else the default group when the mesh spans every rank."""
     from zo2.distributed import resolve_group
@@ -125,7 +136,7 @@ def _data_parallel_group(mesh, given: object):
                      "every rank; pass ZOSGD(process_group=<the group of all its ranks>)")
 
 
-def attach_fsdp(model: nn.Module, opt: object) -> FSDPSharding:
+def attach_fsdp(model: nn.Module, opt: ZOSGD) -> FSDPSharding:
     """Run ``opt``'s steps on ``model``, sharded with ``fully_shard``: each rank perturbs and updates its
     chunks, the losses are averaged over the data-parallel ranks in one all-reduce per step.
 
@@ -138,7 +149,7 @@ def attach_fsdp(model: nn.Module, opt: object) -> FSDPSharding:
     holds parameters the model no longer has (built before ``fully_shard``, which replaces every
     parameter), if a placement is not dim-0 sharding, or if ``opt`` runs through ``zo2.offload``.
     """
-    from zo2.optimizer import ZOSGD
+    from zo2.optimizer import ZOSGD  # here: zo2.optimizer imports this module
 
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -160,7 +171,7 @@ def attach_fsdp(model: nn.Module, opt: object) -> FSDPSharding:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("zo2.attach_fsdp: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group (e.g. under torchrun) before fully_shard")
-    sharding = FSDPSharding(modules, _fsdp_roots(modules, model))
+    sharding = FSDPSharding(modules, _fsdp_roots(modules))
     sharding.reshard()  # an earlier forward may have left the root unsharded: its parameters are then plain
     by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     for index, (p, _) in enumerate(opt.unique_params()):
