@@ -6,6 +6,9 @@ rank applies the identical update and no parameter or gradient is communicated. 
 every rank draws the same directions: on its first step each process checks, with one small all-reduce,
 that all ranks share the base seed, the step counter, q and the distribution, and names the difference.
 
+The group is a ``torch.distributed`` process group, ``True`` for the default group, or a 1-D
+``DeviceMesh`` (FSDP2's; :func:`zo2.attach_fsdp` picks it from the sharded model when none is given).
+
 Launch (one process per GPU, or per CPU socket with gloo):
 
     torchrun --nproc_per_node=4 train.py     # in train.py: dist.init_process_group(); ZOSGD(..., process_group=True)
@@ -15,6 +18,25 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+def resolve_group(process_group: object) -> dist.ProcessGroup | None:
+    """The process group behind ZOSGD's ``process_group`` argument (None: the default group)."""
+    if process_group is True:
+        return None
+    if not dist.is_available():
+        raise RuntimeError("ZOSGD: process_group was given but this torch has no torch.distributed")
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(process_group, dist.ProcessGroup):
+        return process_group
+    if isinstance(process_group, DeviceMesh):
+        if process_group.ndim != 1:
+            raise ValueError(f"ZOSGD: process_group is the {process_group.ndim}-D mesh {process_group}; pass a 1-D "
+                             "mesh or the process group of all data-parallel ranks")
+        return process_group.get_group()
+    raise TypeError(f"ZOSGD: process_group must be a torch.distributed process group, a 1-D DeviceMesh or True "
+                    f"(the default group), got {type(process_group).__name__}")
 
 
 def _reduce_device(group: dist.ProcessGroup | None) -> torch.device:

@@ -62,6 +62,7 @@ def offload(model: nn.Module, opt: ZOSGD, device: str | torch.device = "cuda", a
     """
     if not isinstance(opt, ZOSGD):
         raise TypeError(f"zo2.offload needs a zo2.ZOSGD optimizer, got {type(opt).__name__}")
+    opt.check_unsharded("zo2.offload")
     if opt.offload_engine is not None:
         raise RuntimeError("zo2.offload: this optimizer is already attached to an offload engine; call "
                            "engine.detach() first")

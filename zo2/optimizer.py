@@ -36,8 +36,9 @@ from zo2.checks import (
     loss_value,
     record_active_dropout,
 )
-from zo2.distributed import average_losses, check_same_run
+from zo2.distributed import average_losses, check_same_run, resolve_group
 from zo2.noise import step_seed
+from zo2.sharding import OFFLOAD_AND_FSDP, FSDPSharding, is_sharded, local_shard
 from zo2.transitions import NoiseState, StepRecord, Target, move
 
 Closure = Callable[[], torch.Tensor | float]
@@ -77,9 +78,10 @@ class ZOSGD(torch.optim.Optimizer):
         num_perturbations: q, the number of directions averaged per step (2q forward passes).
         distribution: "normal" (Gaussian z) or "rademacher" (±1 z).
         check_dropout: refuse a step whose forward pass runs dropout in training mode.
-        process_group: data parallelism (a ``torch.distributed`` group, or ``True`` for the default group):
-            each rank runs the closure on its shard and the losses are averaged over the ranks before the
-            update, so every rank (with the same ``seed``) applies the identical update.
+        process_group: data parallelism (a ``torch.distributed`` group, a 1-D ``DeviceMesh``, or ``True`` for
+            the default group): each rank runs the closure on its shard of the batch and the 2q losses are
+            averaged over the ranks in one all-reduce per step, so every rank (with the same ``seed``) applies
+            the identical update. For a model sharded with FSDP2, see :func:`zo2.attach_fsdp`.
 
     ``step(closure)`` runs ``closure`` (forward only, under ``torch.no_grad()``) 2q times and returns the
     mean loss at θ + εz_k. Afterwards ``projected_grad`` holds the mean of (L+_k - L-_k) / 2ε (with ε of
@@ -117,8 +119,9 @@ class ZOSGD(torch.optim.Optimizer):
         self.projected_grad = 0.0
         self.projected_grads: list[float] = []
         self._engine: StepEngine | None = None
+        self._sharding: FSDPSharding | None = None
         for index, (p, _) in enumerate(self.unique_params()):
-            check_parameter(p, index)
+            check_parameter(local_shard(p, f"parameter {index}")[0], index)
 
     # ------------------------------------------------------------------------------------ parameters
     def unique_params(self) -> list[tuple[torch.Tensor, int]]:
@@ -134,12 +137,14 @@ class ZOSGD(torch.optim.Optimizer):
         return unique
 
     def targets(self) -> list[Target]:
-        """The trainable parameters (``requires_grad``) as noise targets. A tied parameter appears once."""
+        """The trainable parameters (``requires_grad``) as noise targets. A tied parameter appears once. A
+        parameter sharded by FSDP2 is this rank's chunk at its offset in the unsharded parameter's stream."""
         targets = []
         for stream, (p, group) in enumerate(self.unique_params()):
             if p.requires_grad:
-                check_parameter(p, stream)
-                targets.append(Target(p, stream, group))
+                local, offset = local_shard(p, f"parameter {stream}")
+                check_parameter(local, stream)
+                targets.append(Target(local, stream, group, offset))
         return targets
 
     def _check_groups(self) -> None:
@@ -158,7 +163,24 @@ class ZOSGD(torch.optim.Optimizer):
         if self._engine is not None:
             raise RuntimeError("zo2.offload: this optimizer is already attached to an offload engine; call "
                                "engine.detach() first")
+        self.check_unsharded("zo2.offload")
         self._engine = engine
+
+    def check_unsharded(self, what: str) -> None:
+        """Refuse ``what`` (the offload engine, which moves whole parameters) on a model sharded with FSDP2."""
+        if self.sharding is not None or any(is_sharded(p) for p, _ in self.unique_params()):
+            raise RuntimeError(f"{what}: the parameters are sharded by FSDP2 (fully_shard). {OFFLOAD_AND_FSDP}")
+
+    @property
+    def sharding(self) -> FSDPSharding | None:
+        """The FSDP2 modules this optimizer reshards before each pass (set by :func:`zo2.attach_fsdp`), or None."""
+        return getattr(self, "_sharding", None)
+
+    def attach_sharding(self, sharding: FSDPSharding) -> None:
+        """Reshard ``sharding``'s modules before every pass (:func:`zo2.attach_fsdp` calls this)."""
+        if self._engine is not None:
+            raise RuntimeError(f"zo2.attach_fsdp: this optimizer runs through zo2.offload. {OFFLOAD_AND_FSDP}")
+        self._sharding = sharding
 
     def detach_engine(self) -> None:
         """Run the following steps in place again (the engine's ``detach()`` calls this after a flush)."""
@@ -220,15 +242,14 @@ class ZOSGD(torch.optim.Optimizer):
         pg = getattr(self, "process_group", None)  # not pickled: a process group does not survive a copy
         if pg is None:
             return values
-        return average_losses(values, None if pg is True else pg)
+        return average_losses(values, resolve_group(pg))
 
     def _check_ranks_agree(self) -> None:
         """Once per process (and after load_state_dict): all ranks must share seed, step, q and distribution."""
         pg = getattr(self, "process_group", None)
         if pg is None or getattr(self, "_ranks_checked", False):
             return
-        check_same_run(self.seed, self.step_count, self.num_perturbations, self.distribution,
-                       None if pg is True else pg)
+        check_same_run(self.seed, self.step_count, self.num_perturbations, self.distribution, resolve_group(pg))
         self._ranks_checked = True
 
     # -------------------------------------------------------------------------------------- the step
@@ -255,12 +276,24 @@ class ZOSGD(torch.optim.Optimizer):
         return self._step_in_place(record, per_direction)
 
     def _step_in_place(self, record: StepRecord, closures: list[Closure]) -> torch.Tensor:
-        """The 2K halves on the parameters where they are, then the finish pass: 2K + 1 passes."""
+        """The 2K halves on the parameters where they are, then the finish pass: 2K + 1 passes.
+
+        Alone, a non-finite loss ends the step early. Across ranks every rank runs all 2K halves (a sharded
+        model's forward is itself collective, so the ranks must call the closure equally often) and the
+        losses are averaged in one all-reduce at the end."""
         targets = self.targets()
+        sharding = self._sharding
+        if sharding is None and any(is_sharded(p) for p, _ in self.unique_params()):
+            raise RuntimeError("ZOSGD: the parameters are sharded by FSDP2 (fully_shard); call "
+                               "zo2.attach_fsdp(model, opt) once before the first step, so that every forward "
+                               "gathers the perturbed shards")
+        reshard = sharding.reshard if sharding is not None else _nothing
+        alone = getattr(self, "process_group", None) is None
         state = NoiseState()
         losses: list[float] = []
         try:
             for half in range(record.num_halves):
+                reshard()  # no forward may reuse an unsharded copy from before this pass
                 state = move(targets, state, record, record.half_target(half))
                 found: list[str] = []
                 if self.check_dropout and half == 0:
@@ -270,14 +303,18 @@ class ZOSGD(torch.optim.Optimizer):
                         raise dropout_error(found)
                 else:
                     loss = loss_value(closures[half // 2]())
-                losses += self.reduce_losses([loss])
-                if not math.isfinite(losses[-1]):
+                losses.append(loss)
+                if alone and not math.isfinite(loss):
                     break
+            losses = self.reduce_losses(losses)
         except BaseException:
             record.discard()
+            if sharding is not None:
+                sharding.recover()
             move(targets, state, None, {})
             raise
         result = self.finish_step(record, losses)
+        reshard()
         move(targets, state, None, {})  # restore and update (restore only for a skipped step)
         return result
 
@@ -296,6 +333,7 @@ class ZOSGD(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)  # also called by torch's load_state_dict: keep an attached engine
         self.__dict__.setdefault("_engine", None)  # a copy or an unpickled optimizer has no engine
+        self.__dict__.setdefault("_sharding", None)  # nor FSDP modules
 
     def state_dict(self) -> dict:
         """torch's optimizer state plus the ``zo2`` entry (base seed, step counter, q, distribution),
@@ -327,6 +365,10 @@ class ZOSGD(torch.optim.Optimizer):
         self.distribution = str(zo["distribution"])
         self.projected_grad = float(zo["projected_grad"])
         self._ranks_checked = False
+
+
+def _nothing() -> None:
+    pass
 
 
 def _closures(closure: Closure | None, accumulate: Sequence[Closure] | None) -> list[Closure]:
