@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                                 dp_delta=args.delta, dp_max_grad_norm=args.max_grad_norm, logging_strategy="epoch",
                                 save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.device == "cpu")
     trainer = DPTrainer(model=model, args=targs, train_dataset=train)
-    print(f"noise multiplier for ε={args.target_epsilon} at δ={args.delta}: {trainer.noise_multiplier:.3f}")
+    sigma = trainer.noise_multiplier  # calibrated for the target ε (an accountant search: read it once)
+    print(f"noise multiplier for ε={args.target_epsilon} at δ={args.delta}: {sigma:.3f}")
     trainer.train()  # tqdm progress bar from the Trainer; ε logged each epoch
     after = perplexity(model, test, args.device)
     epsilon = trainer.epsilon()
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"privacy spent: epsilon={epsilon:.3f} at delta={args.delta}")
     if args.metrics_json:
         metrics = {"perplexity_before": before, "perplexity_after": after, "epsilon": epsilon, "delta": args.delta,
-                   "target_epsilon": args.target_epsilon, "noise_multiplier": trainer.noise_multiplier,
+                   "target_epsilon": args.target_epsilon, "noise_multiplier": sigma,
                    "steps": trainer.state.global_step, "vocab_size": len(train.itos)}
         pathlib.Path(args.metrics_json).write_text(json.dumps(metrics, indent=2))
 
