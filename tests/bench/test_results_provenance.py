@@ -124,6 +124,9 @@ def record_problems(path: str, root: pathlib.Path, results_text: str) -> tuple[d
         problems.append(f"{path}: no env.cpu_model recorded")
     elif cpu not in results_text:
         problems.append(f"{path}: RESULTS.md does not name its machine, {cpu!r} (env.cpu_model)")
+    gpu = env.get("device_name") if str(env.get("device", "")).startswith("cuda") else None
+    if gpu is not None and (not isinstance(gpu, str) or gpu not in results_text):
+        problems.append(f"{path}: RESULTS.md does not name its GPU, {gpu!r} (env.device_name)")
     for s in summaries(record):
         missing = [k for k in ("p20", "p80", "rounds") if k not in s]
         if missing:
@@ -290,7 +293,7 @@ def test_recorded_commands_existed_at_their_commits():
 
 
 # ----------------------------------------------------------------- the check itself, on made-up records
-GOOD_ENV = {"commit": None, "dirty": False, "cpu_model": "Test CPU 9000"}
+GOOD_ENV = {"commit": None, "dirty": False, "cpu_model": "Test CPU 9000", "device": "cpu", "device_name": None}
 
 
 def _record(tmp_path, name, results_text, **changes):
@@ -313,6 +316,9 @@ def test_the_record_check_catches_what_it_should(tmp_path):
     assert any("env.dirty" in p for p in _record(tmp_path, "a", text, commit=sha, dirty=True))
     assert any("no 'command'" in p for p in _record(tmp_path, "a", text, commit=sha, command=""))
     assert any("does not name its machine" in p for p in _record(tmp_path, "a", "Machine: a laptop", commit=sha))
+    assert any("does not name its GPU" in p for p in _record(tmp_path, "a", text, commit=sha, device="cuda",
+                                                              device_name="NVIDIA H200"))
+    assert _record(tmp_path, "a", text + ", NVIDIA H200", commit=sha, device="cuda", device_name="NVIDIA H200") == []
     assert any("not in the checkout" in p for p in record_problems("bench/results/none.json", tmp_path, text)[1])
     assert vague_citations("in `bench/results/`; see bench/results/cli_zo_cpu/ and `bench/results/dp_*.json`, "
                            "bench/results/a.json") == ["bench/results/cli_zo_cpu/", "bench/results/dp_*.json"]
