@@ -28,7 +28,15 @@ import torch
 
 import zo2
 import zo2.noise
-from memtrain.testing import causal_lm_loss_float64, mezo_estimate, mezo_noise, mezo_update, zo_step_seeds
+from memtrain.testing import (
+    SPLITMIX64_KAT,
+    causal_lm_loss_float64,
+    mezo_estimate,
+    mezo_noise,
+    mezo_update,
+    splitmix64_next,
+    zo_step_seeds,
+)
 
 U32 = 2.0**-24  # float32 unit roundoff
 LOSS_ULPS = 4
@@ -59,14 +67,15 @@ class Lockstep:
     """A float64 reference that follows a ZOSGD run step by step and checks each step's loss and g."""
 
     def __init__(self, model, opt, batch):
-        self.opt, self.batch = opt, batch
+        self.opt = opt
         self.ref_model = copy.deepcopy(model).double()
         name_of = {id(p): n for n, p in model.named_parameters()}
         ref_by_name = dict(self.ref_model.named_parameters())
         order = stream_order(opt)
-        self.live = [i for i, (p, _) in enumerate(order) if p.requires_grad]
+        self.live = [i for i, (p, _) in enumerate(order) if p.requires_grad]  # stream ids of the trained ones
         self.params = [order[i][0] for i in self.live]
-        self.ref_params = [ref_by_name[name_of[id(p)]] for p in self.params]
+        self.names = [name_of[id(p)] for p in self.params]
+        self.ref_params = [ref_by_name[n] for n in self.names]
         self.groups = [order[i][1] for i in self.live]
         self.closure = float64_closure(self.ref_model, batch)
         self.steps = 0
@@ -98,12 +107,8 @@ class Lockstep:
 
     def assert_parameters_match(self):
         rtol = self.steps * (2 * self.opt.num_perturbations + 1) * U32
-        for p, ref, name in zip(self.params, self.ref_params, self.names(), strict=True):
+        for p, ref, name in zip(self.params, self.ref_params, self.names, strict=True):
             torch.testing.assert_close(p.double(), ref, rtol=rtol, atol=self.atol, msg=lambda m, n=name: f"{n}: {m}")
-
-    def names(self):
-        by_id = {id(p): n for n, p in self.ref_model.named_parameters()}
-        return [by_id[id(r)] for r in self.ref_params]
 
 
 def run_lockstep(model, batch, steps, opt_kwargs, groups_fn=None, scheduler_fn=None):
@@ -121,8 +126,6 @@ def run_lockstep(model, batch, steps, opt_kwargs, groups_fn=None, scheduler_fn=N
 
 def test_reference_seed_schedule_is_splitmix64():
     """The reference's SplitMix64 reproduces the published outputs of splitmix64.c from state 0."""
-    from memtrain.testing import SPLITMIX64_KAT, splitmix64_next
-
     state, outputs = 0, []
     for _ in SPLITMIX64_KAT:
         state, out = splitmix64_next(state)
