@@ -20,7 +20,9 @@ vocabulary, and your data set):
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import pathlib
 import random
 
 import torch
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output-dir", default="dp_llama_out")
+    p.add_argument("--metrics-json", default=None,
+                   help="also write the perplexities and the privacy spent to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -92,17 +96,26 @@ def main(argv: list[str] | None = None) -> None:
                          num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 16),
                          num_key_value_heads=max(1, args.hidden // 32), max_position_embeddings=64)
     model = LlamaForCausalLM(config)
-    print(f"perplexity before: {perplexity(model, test, 'cpu'):.2f}")
+    before = perplexity(model, test, "cpu")
+    print(f"perplexity before: {before:.2f}")
     targs = DPTrainingArguments(output_dir=args.output_dir, num_train_epochs=args.epochs,
                                 per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
                                 lr_scheduler_type="constant", dp_target_epsilon=args.target_epsilon,
                                 dp_delta=args.delta, dp_max_grad_norm=args.max_grad_norm, logging_strategy="epoch",
                                 save_strategy="no", report_to=[], seed=args.seed, use_cpu=args.device == "cpu")
     trainer = DPTrainer(model=model, args=targs, train_dataset=train)
-    print(f"noise multiplier for ε={args.target_epsilon} at δ={args.delta}: {trainer.noise_multiplier:.3f}")
+    sigma = trainer.noise_multiplier  # calibrated for the target ε (an accountant search: read it once)
+    print(f"noise multiplier for ε={args.target_epsilon} at δ={args.delta}: {sigma:.3f}")
     trainer.train()  # tqdm progress bar from the Trainer; ε logged each epoch
-    print(f"perplexity after: {perplexity(model, test, args.device):.2f}")
-    print(f"privacy spent: epsilon={trainer.epsilon():.3f} at delta={args.delta}")
+    after = perplexity(model, test, args.device)
+    epsilon = trainer.epsilon()
+    print(f"perplexity after: {after:.2f}")
+    print(f"privacy spent: epsilon={epsilon:.3f} at delta={args.delta}")
+    if args.metrics_json:
+        metrics = {"perplexity_before": before, "perplexity_after": after, "epsilon": epsilon, "delta": args.delta,
+                   "target_epsilon": args.target_epsilon, "noise_multiplier": sigma,
+                   "steps": trainer.state.global_step, "vocab_size": len(train.itos)}
+        pathlib.Path(args.metrics_json).write_text(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ streamed through the GPU by the offload engine and computed in bf16 from an fp32
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import random
 from typing import Any
 
@@ -167,13 +169,15 @@ def add_label_words(model: OPTForCausalLM, label_ids: list[int]) -> None:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, data: Reviews, vocab: Vocab, device: str) -> float:
-    """Share of reviews whose label word scores higher than the other one at the answer position."""
+def evaluate(model: torch.nn.Module, data: Reviews, vocab: Vocab, device: str) -> tuple[float, float]:
+    """(accuracy, loss) on ``data``: the share of reviews whose label word scores higher than the other one at
+    the answer position, and the cross-entropy over the two label words' logits there (ln 2 when they tie)."""
     words = torch.tensor([vocab.stoi[w] for w in LABEL_WORDS], device=device)
     batch = {k: torch.stack([data[i][k] for i in range(len(data))]).to(device) for k in ("input_ids", "attention_mask")}
-    logits = model(**batch).logits[:, -2, words]  # the position that predicts the last token
+    logits = model(**batch).logits[:, -2, words].float()  # the position that predicts the last token
     truth = torch.tensor([label for _, label in data.items], device=device)
-    return (logits.argmax(-1) == truth).float().mean().item()
+    loss = torch.nn.functional.cross_entropy(logits, truth).item()
+    return (logits.argmax(-1) == truth).float().mean().item(), loss
 
 
 class PromptZOTrainer(ZOTrainer):
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="'all': every weight (what MeZO does); 'head': only the LM head (the token embeddings "
                         "where they are tied) and the final layer norm")
     p.add_argument("--output-dir", default="zo_opt_out")
+    p.add_argument("--metrics-json", default=None,
+                   help="also write the accuracies and the logged ZO training losses to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -246,8 +252,9 @@ def main(argv: list[str] | None = None) -> None:
         head = model.get_output_embeddings().weight  # the token embeddings where they are tied to the head
         for name, param in model.named_parameters():
             param.requires_grad_(param is head or "decoder.final_layer_norm" in name)
-    if tiny or args.device == "cpu":
-        print(f"accuracy before the ZO stage: {accuracy(model, test, vocab, 'cpu'):.3f}")
+    before = evaluate(model, test, vocab, "cpu") if tiny or args.device == "cpu" else (None, None)
+    if before[0] is not None:
+        print(f"accuracy before the ZO stage: {before[0]:.3f} (held-out loss {before[1]:.3f})")
     offload = {"device": args.device, "amp": args.amp} if args.offload else None
     targs = ZOTrainingArguments(output_dir=args.output_dir, max_steps=args.steps,
                                 per_device_train_batch_size=args.batch_size,
@@ -259,7 +266,13 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train()  # tqdm progress bar from the Trainer
     trainer.zo.flush()
     device = args.device  # offloaded or not, the embeddings and the head are on args.device
-    print(f"accuracy after {args.steps} ZO steps: {accuracy(model, test, vocab, device):.3f}")
+    after = evaluate(model, test, vocab, device)
+    print(f"accuracy after {args.steps} ZO steps: {after[0]:.3f} (held-out loss {after[1]:.3f})")
+    if args.metrics_json:
+        metrics = {"accuracy_before": before[0], "accuracy_after": after[0], "test_loss_before": before[1],
+                   "test_loss_after": after[1], "zo_steps": args.steps, "test_size": len(test),
+                   "zo_train_losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+        pathlib.Path(args.metrics_json).write_text(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":

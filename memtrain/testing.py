@@ -104,28 +104,74 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: 
         )
 
 
-def mezo_step_reference(
+# SplitMix64 (Steele, Lea and Flood, OOPSLA'14; Vigna's splitmix64.c): the state advances by the golden
+# gamma and each output is the state passed through two xor-shift-multiply rounds and a final xor-shift.
+SPLITMIX64_GAMMA = 0x9E3779B97F4A7C15
+# The first four outputs of splitmix64.c started from state 0, as published with the xoshiro generators.
+SPLITMIX64_KAT = (0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F, 0xF88BB8A8724C81EC)
+
+
+def splitmix64_next(state: int) -> tuple[int, int]:
+    """One call of splitmix64.c's ``next()``: returns (new state, output), all arithmetic modulo 2^64."""
+    state = (state + SPLITMIX64_GAMMA) % 2**64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return state, z ^ (z >> 31)
+
+
+def zo_step_seeds(base_seed: int, step: int, q: int) -> list[int]:
+    """The Philox keys of the q directions of step ``step`` (0-based) of a ZOSGD run with ``base_seed``.
+
+    The documented schedule, written here from SplitMix64's definition: with H(x) the output of one
+    ``next()`` from state x, the key of direction k is ``H(H(H(base_seed) ^ step) ^ k)``, base seed taken
+    modulo 2^64. Every (step, direction) gets its own key, so nothing but (base seed, step) is stored.
+    """
+
+    def h(x: int) -> int:
+        return splitmix64_next(x % 2**64)[1]
+
+    run_key = h(base_seed)
+    return [h(h(run_key ^ step) ^ k) for k in range(q)]
+
+
+def causal_lm_loss_float64(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float64, as Hugging Face causal LMs define it (position t predicts
+    label t+1; label -100 is ignored), without their cast of the logits to float32.
+
+    logits: (B, T, V); labels: (B, T). Returns a 0-d float64 tensor.
+    """
+    logits = logits.double()[:, :-1].reshape(-1, logits.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    keep = target != -100
+    logp = logits[keep] - torch.logsumexp(logits[keep], dim=-1, keepdim=True)
+    return -logp.gather(1, target[keep].unsqueeze(1)).mean()
+
+
+def mezo_noise(params: list[torch.Tensor], seed: int, streams: list[int], dist: str = "normal") -> list[torch.Tensor]:
+    """z of one direction for each parameter (from :func:`philox_noise_numpy`), in the parameter's dtype."""
+    return [torch.from_numpy(philox_noise_numpy(seed, stream, p.numel(), 0, dist)).to(p.dtype).view(p.shape)
+            for p, stream in zip(params, streams, strict=True)]
+
+
+def mezo_estimate(
     params: list[torch.Tensor],
     closure,
     seeds: list[int],
     streams: list[int],
     hparams: list[tuple[float, float, float]],
     dist: str = "normal",
-) -> tuple[float, list[float]]:
-    """The textbook MeZO step (Malladi et al. 2023, Algorithm 1) in the parameters' own dtype (use float64),
-    with z drawn from :func:`philox_noise_numpy` and stored in full, four passes per direction.
+) -> tuple[list[float], list[float]]:
+    """MeZO's two-point estimates at θ (Malladi et al. 2023, Algorithm 1), one per seed, leaving θ as it was
+    (up to the rounding of the parameters' dtype: use float64).
 
-    ``hparams[i] = (lr, eps, weight_decay)`` of ``params[i]``; with several ``seeds`` the q estimates are
-    taken at the same θ and averaged. Returns (mean loss at θ+εz, each direction's (L+ - L-) / 2).
+    For each seed: θ += εz, L+ = closure(), θ -= 2εz, L- = closure(), θ += εz, with z stored in full.
+    ``hparams[i] = (lr, eps, weight_decay)`` of ``params[i]``. Returns (each L+, each (L+ - L-) / 2).
     """
-    zs = [
-        [torch.from_numpy(philox_noise_numpy(seed, stream, p.numel(), 0, dist)).to(p.dtype).view(p.shape)
-         for p, stream in zip(params, streams, strict=True)]
-        for seed in seeds
-    ]
     losses, diffs = [], []
     with torch.no_grad():
-        for z in zs:
+        for seed in seeds:
+            z = mezo_noise(params, seed, streams, dist)
             for p, zi, (_, eps, _) in zip(params, z, hparams, strict=True):
                 p.add_(eps * zi)
             loss_plus = float(closure())
@@ -136,8 +182,40 @@ def mezo_step_reference(
                 p.add_(eps * zi)
             losses.append(loss_plus)
             diffs.append((loss_plus - loss_minus) / 2)
-        q = len(seeds)
+    return losses, diffs
+
+
+def mezo_update(
+    params: list[torch.Tensor],
+    diffs: list[float],
+    seeds: list[int],
+    streams: list[int],
+    hparams: list[tuple[float, float, float]],
+    dist: str = "normal",
+) -> None:
+    """MeZO's update with q estimates: ``p ← p − lr · (Σ_k (diffs[k] / ε) z_k / q + wd · p)``, where
+    ``diffs[k] = (L+_k − L-_k) / 2`` belongs to direction ``seeds[k]`` and ε, lr, wd are ``p``'s own."""
+    q = len(seeds)
+    zs = [mezo_noise(params, seed, streams, dist) for seed in seeds]
+    with torch.no_grad():
         for i, (p, (lr, eps, wd)) in enumerate(zip(params, hparams, strict=True)):
             grad = sum(d / eps * z[i] for d, z in zip(diffs, zs, strict=True)) / q
             p.sub_(lr * (grad + wd * p))
-    return sum(losses) / q, diffs
+
+
+def mezo_step_reference(
+    params: list[torch.Tensor],
+    closure,
+    seeds: list[int],
+    streams: list[int],
+    hparams: list[tuple[float, float, float]],
+    dist: str = "normal",
+) -> tuple[float, list[float]]:
+    """The textbook MeZO step: :func:`mezo_estimate` then :func:`mezo_update` with its own estimates.
+
+    With several ``seeds`` the q estimates are taken at the same θ and averaged. Returns (mean loss at
+    θ+εz, each direction's (L+ - L-) / 2).
+    """
+    losses, diffs = mezo_estimate(params, closure, seeds, streams, hparams, dist)
+    mezo_update(params, diffs, seeds, streams, hparams, dist)
+    return sum(losses) / len(seeds), diffs

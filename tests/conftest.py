@@ -19,6 +19,45 @@ if not torch.cuda.is_available():
 import pytest
 
 
+# ---------------------------------------------------------------- the test extra, checked at session start
+def _unmet_requirements() -> list[str]:
+    """memtrain's requirements and its ``test`` extra that are missing or outside their stated range."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        declared = metadata.requires("memtrain") or []
+    except metadata.PackageNotFoundError:
+        return ["memtrain itself (the package under test is not installed)"]
+    unmet = []
+    for text in declared:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": "test"}):
+            continue  # another extra, or not for this platform
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            unmet.append(f"{req.name} (needs {req.name}{req.specifier}; not installed)")
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            unmet.append(f"{req.name} (needs {req.name}{req.specifier}; {version} is installed)")
+    return unmet
+
+
+def pytest_sessionstart(session):
+    """Refuse to run with part of the test extra missing: a missing package would otherwise drop its test
+    modules (collection errors) or skip them, and the suite would look greener than it is."""
+    unmet = _unmet_requirements()
+    if unmet:
+        pytest.exit(
+            "the test suite needs memtrain's requirements and its `test` extra; unmet: " + "; ".join(unmet)
+            + '. Install them with: pip install --no-build-isolation -e ".[test]"  (from the checkout, after '
+            "torch; see README, Set-up)",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip (not deselect) GPU tests without CUDA and nvcc tests without the compiler."""
     no_gpu = pytest.mark.skip(reason="needs a CUDA device")
