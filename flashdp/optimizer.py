@@ -221,28 +221,46 @@ class DPOptimizer(Optimizer):
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = self.inner.state_dict()
-        sd["flashdp"] = {"steps": self.steps, "skipped_steps": self.skipped_steps, "seed": self._seed,
-                         "noise": "philox", "noise_multiplier": self.noise_multiplier,
-                         "expected_batch_size": self.expected_batch_size}
+        sd["flashdp"] = self.noise_state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("flashdp", None)
         self.inner.load_state_dict(state_dict)
-        # torch's load_state_dict replaces the inner optimizer's group dicts: share the new ones, or an LR
-        # scheduler built on this wrapper would keep editing the stale ones.
+        self.share_inner_state()
+        if extra is not None:
+            self.load_noise_state_dict(extra)
+
+    def noise_state_dict(self) -> dict[str, Any]:
+        """DPOptimizer's own state, the whole noise state (seed, step count) with its settings: plain Python values.
+
+        With torch.distributed.checkpoint, save this next to the model's and the inner optimizer's state
+        (``flashdp.CheckpointState`` does), never ``get_state_dict(model, dp_optimizer)``: DCP may call
+        ``step()`` on an optimizer without state, which here would add noise and count a step.
+        """
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "seed": self._seed, "noise": "philox",
+                "noise_multiplier": self.noise_multiplier, "expected_batch_size": self.expected_batch_size}
+
+    def load_noise_state_dict(self, extra: dict[str, Any]) -> None:
+        """Restore what :meth:`noise_state_dict` saved (the noise continues from the saved seed and step)."""
+        self.steps = int(extra["steps"])
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self._seed = int(extra["seed"])
+        if "generators" in extra:
+            warnings.warn(
+                "flashdp.DPOptimizer.load_state_dict: this state comes from a flashdp version that drew noise "
+                "from torch generators; their states are ignored and the noise continues from (seed, step) with "
+                "the counter-based stream, so it differs from the original run's.", RuntimeWarning, stacklevel=2)
+
+    def share_inner_state(self) -> None:
+        """Share the inner optimizer's ``param_groups`` and ``state`` again after they were loaded.
+
+        torch's load_state_dict replaces the inner optimizer's group dicts: without this an LR scheduler built on
+        this wrapper would keep editing the stale ones.
+        """
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
-        if extra is not None:
-            self.steps = extra["steps"]
-            self.skipped_steps = extra.get("skipped_steps", 0)
-            self._seed = extra["seed"]
-            if "generators" in extra:
-                warnings.warn(
-                    "flashdp.DPOptimizer.load_state_dict: this state comes from a flashdp version that drew noise "
-                    "from torch generators; their states are ignored and the noise continues from (seed, step) with "
-                    "the counter-based stream, so it differs from the original run's.", RuntimeWarning, stacklevel=2)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise ValueError("flashdp.DPOptimizer: add parameter groups to the inner optimizer before wrapping it, "
