@@ -182,9 +182,10 @@ class DPOptimizer(Optimizer):
             finite = fsdp.all_ranks(finite, device)
         if not finite:
             bad = [names[id(p)] for p, g in zip(params, grads, strict=True) if not torch.isfinite(g).all()]
+            where = f"in {bad[:5]}{'...' if len(bad) > 5 else ''}" if bad else "in another rank's shards"
             self.skipped_steps += 1
             warnings.warn(
-                f"flashdp.DPOptimizer: NaN/inf gradients in {bad[:5]}{'...' if len(bad) > 5 else ''}; the step is "
+                f"flashdp.DPOptimizer: NaN/inf gradients {where}; the step is "
                 "skipped and nothing is applied. Call zero_grad() before the next backward; lower the learning "
                 "rate or use fp32/bf16 autocast if this repeats.", RuntimeWarning, stacklevel=2)
             return None
