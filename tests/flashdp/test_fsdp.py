@@ -160,6 +160,10 @@ def rank_main(rank, world, port, out, kinds):
             results["llama_resumed"] = train(model, opt, rank, world, [1, 2])
             model, opt = build("llama", "before", mesh)
             results["llama_before"] = train(model, opt, rank, world, [0, 1, 2])
+        elif kind == "hsdp":  # 2 replicas × 2 shards: reduce-scatter within a replica, all-reduce across them
+            hsdp = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+            model, opt = build("opt", "after", hsdp)
+            results["opt_hsdp"] = train(model, opt, rank, world, [0, 1, 2])
         else:
             model, opt = build("opt", kind, mesh)
             results[f"opt_{kind}"] = train(model, opt, rank, world, [0, 1, 2])
@@ -250,10 +254,12 @@ def test_two_ranks_llama_and_opt_match_one_process(tmp_path, spawn_ranks, single
 
 def test_four_ranks_uneven_and_empty_shards_tied_opt(tmp_path, spawn_ranks, single_process, capsys):
     """4 ranks: 37- and 22-row parameters (uneven shards), a 5-row one (an empty shard), OPT's tied
-    embedding/LM head; make_private after fully_shard; equal to one process with the whole batch."""
-    res = _run_ranks(spawn_ranks, 4, str(tmp_path / "four"), "after")
+    embedding/LM head; make_private after fully_shard; FSDP over 4 ranks and HSDP over 2 replicas of 2 shards
+    (its all-reduce across replicas must sum too); equal to one process with the whole batch."""
+    res = _run_ranks(spawn_ranks, 4, str(tmp_path / "four"), "after,hsdp")
     figures: dict = {}
     _check_against_single(res["opt_after"], single_process["opt"], _groups("opt"), "4 ranks opt", figures)
+    _check_against_single(res["opt_hsdp"], single_process["opt"], _groups("opt"), "4 ranks opt hsdp 2x2", figures)
     with capsys.disabled():
         print("\nflashdp FSDP2 max relative differences vs one process:",
               {k: f"{v:.2e}" for k, v in figures.items()})
