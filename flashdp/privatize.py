@@ -5,8 +5,10 @@ for a DP subclass (``DPLinear`` for ``nn.Linear``, a generated ``DP<Name>`` for 
 whose forward routes through a DP autograd Function.
 Parameters, buffers, ``state_dict`` keys, hooks and ``isinstance`` checks are unchanged, so an optimizer
 built before or after sees the same tensors. Modules sharing a trainable parameter (a tied embedding and
-LM head) form one clip group. Every trainable parameter also gets a hook that fails loudly if autograd
-ever produces a gradient for it outside a DP layer (an unclipped gradient would silently break DP).
+LM head) form one clip group. Every trainable parameter (and every tensor a DP layer later runs with, such
+as FSDP2's unsharded parameters) gets a hook that fails loudly if autograd ever produces a gradient for it
+outside a DP layer (an unclipped gradient would silently break DP). Parameters are recorded by name and by
+``(module, attribute)`` and looked up when used, so sharding with FSDP2 before or after works.
 The model's :class:`PrivacyState` owns everything that changes while it runs (a
 :class:`~flashdp.runtime.Runtime`), so two private models share nothing.
 """
