@@ -21,6 +21,7 @@ module adds:
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,23 +38,16 @@ _API = ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms", "set_
 
 
 def _fsdp_module_class() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return None
-    return FSDPModule
+    """FSDP2's module class, or None when FSDP2 was never imported (then no module can be sharded with it; this
+    keeps make_private and every forward from importing torch.distributed.fsdp, which takes about a second)."""
+    mod = sys.modules.get("torch.distributed.fsdp")
+    return getattr(mod, "FSDPModule", None)
 
 
 def _dtensor_class() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
+    """The DTensor class, or None when torch.distributed.tensor was never imported (no tensor can be one)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
 
 
 def units(model: nn.Module) -> dict[str, nn.Module]:
