@@ -21,6 +21,7 @@ shared by its clip groups; two private models in one process share nothing.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -116,15 +117,25 @@ class Runtime:
 
     # -- parameters ------------------------------------------------------------------------------------
     def watch(self, module: torch.nn.Module) -> None:
-        """Hook the trainable tensors ``module`` holds now (once each) against gradients from outside DP layers."""
+        """Hook the trainable tensors ``module`` holds now (once each) against gradients from outside DP layers.
+
+        Called on every DP-layer forward: the module remembers (weakly) the tensor it last had watched per
+        attribute, so the common case costs a dict lookup per parameter.
+        """
         names = module.__dict__.get("_flashdp_param_names")
         if not names:
             return
+        last = module.__dict__.setdefault("_flashdp_watched", {})
         for attr, name in names.items():
             p = module._parameters.get(attr)
-            if p is None or not p.requires_grad or p in self._watched:
+            if p is None or not p.requires_grad:
                 continue
-            self._watched[p] = p.register_hook(_outside_dp_hook(name))
+            ref = last.get(attr)
+            if ref is not None and ref() is p:
+                continue
+            if p not in self._watched:
+                self._watched[p] = p.register_hook(_outside_dp_hook(name))
+            last[attr] = weakref.ref(p)
 
     def unwatch_all(self) -> None:
         """Remove every hook :meth:`watch` registered (make_private called again)."""

@@ -323,3 +323,20 @@ def test_fully_sharded_leaf_keeps_fsdp_and_dp_classes(world_of_one):
     opt.step()
     assert opt.steps == 1
 
+
+
+def test_shard_offsets_and_refused_placements(world_of_one):
+    """A plain tensor is its own shard at offset 0; dim-0 DTensors give their offset; any other dim is refused
+    (its shard is not one row-major range of the noise)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from flashdp.fsdp import local_shard
+
+    t = torch.arange(12.0).reshape(4, 3)
+    assert local_shard(t) == (t, 0)
+    mesh = init_device_mesh("cpu", (1,))
+    local, offset = local_shard(distribute_tensor(t, mesh, [Shard(0)]))
+    assert torch.equal(local, t) and offset == 0
+    with pytest.raises(FlashDPError, match=r"Shard\(dim=1\).*dim 0 only"):
+        local_shard(distribute_tensor(t, mesh, [Shard(1)]))

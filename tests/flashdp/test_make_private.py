@@ -135,6 +135,9 @@ def test_parameter_used_outside_its_dp_layer_is_refused():
     flashdp.make_private(model, 1.0)
     with pytest.raises(flashdp.FlashDPError, match="outside a DP layer"):
         model(torch.randn(2, 3)).sum().backward()
+    flashdp.make_private(model, 1.0)  # again: the old hooks go, new ones come
+    with pytest.raises(flashdp.FlashDPError, match="outside a DP layer"):
+        model(torch.randn(2, 3)).sum().backward()
 
 
 
