@@ -340,3 +340,16 @@ def test_shard_offsets_and_refused_placements(world_of_one):
     assert torch.equal(local, t) and offset == 0
     with pytest.raises(FlashDPError, match=r"Shard\(dim=1\).*dim 0 only"):
         local_shard(distribute_tensor(t, mesh, [Shard(1)]))
+
+
+def test_optimizer_built_before_fully_shard_is_refused(world_of_one):
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    flashdp.make_private(model, 1.0)
+    opt = flashdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                              expected_batch_size=4)
+    fully_shard(model)  # replaces every parameter: the optimizer holds the old ones
+    model(torch.randn(4, 4)).sum().backward()
+    with pytest.raises(flashdp.ModelChangedError, match="build the optimizer after fully_shard"):
+        opt.step()
