@@ -269,6 +269,7 @@ def make_private(
             mod.__dict__["_flashdp_name"] = path or type(mod).__name__
             mod.__dict__["_flashdp_param_names"] = {a: first_name[id(p)] for a, p in mod._parameters.items()
                                                     if p is not None and p.requires_grad}
+            mod.__dict__["_flashdp_watched"] = {}  # the new runtime watches afresh (make_private called again)
             if isinstance(conv, type):
                 mod.__class__ = conv
             else:
