@@ -20,6 +20,7 @@ from .privatize import make_private, privacy_state
 from .registry import register_layer
 
 __all__ = [
+    "CheckpointState",
     "Component",
     "DPEmbedding",
     "DPLayerNorm",
@@ -43,11 +44,13 @@ __all__ = [
     "register_layer",
 ]
 
-_LAZY = {"DPTrainer": "flashdp.trainer", "DPTrainingArguments": "flashdp.trainer"}
+_LAZY = {"DPTrainer": "flashdp.trainer", "DPTrainingArguments": "flashdp.trainer",
+         "CheckpointState": "flashdp.checkpoint"}
 
 
 def __getattr__(name: str):
-    """The Trainer integration is imported on first use (importing transformers' Trainer takes seconds)."""
+    """The Trainer integration (importing transformers' Trainer takes seconds) and the torch.distributed.checkpoint
+    state (not every torch build has torch.distributed) are imported on first use."""
     if name in _LAZY:
         import importlib
 

@@ -8,20 +8,28 @@ per-sample squared norm of its contribution, its pieces for cross terms, and acc
 - A group used once per backward (the common case) clips immediately inside that layer's backward: the
   layer's fused path computes norms, factors and the clipped sum (possibly in a single pass).
 - A group used several times (tied embedding ↔ LM head, a module called twice) must see every use
-  before any is clipped: ``‖Σ_u g_u‖² = Σ_u ‖g_u‖² + 2 Σ_{u<v} ⟨g_u, g_v⟩``. The group counts its
-  uses in forward and defers the earlier uses until the last one arrives; the cross terms come from
-  T×T Gram products of the factored forms (``g = Lᵀ R``), so no per-sample gradient is materialised.
-  Anything still pending when the backward pass ends is flushed by an engine callback (the group's
+  before any is clipped: ``‖Σ_u g_u‖² = Σ_u ‖g_u‖² + 2 Σ_{u<v} ⟨g_u, g_v⟩``. The group keeps a weak
+  reference to each forward call of its layers (the call lives in the autograd graph, so it is gone once
+  the graph is freed: a forward whose output was dropped without a backward does not count) and defers
+  the earlier uses until every live call has handed in its use; the cross terms come from T×T Gram
+  products of the factored forms (``g = Lᵀ R``), so no per-sample gradient is materialised. Anything
+  still pending when the backward pass ends is flushed by an engine callback (the group's
   :class:`~flashdp.runtime.Runtime`, shared by the groups of one private model, keeps that bookkeeping).
+
+A group names its parameters by ``(module, attribute)``, not by tensor: wrappers such as FSDP2 swap the
+tensor behind a module attribute (a sharded parameter at rest, an unsharded one during forward and
+backward), and :attr:`ClipGroup.params` resolves the tensors in place now.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import InitVar, dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from memtrain.kernels.dp_clip_accumulate import clip_factors
 
@@ -116,41 +124,79 @@ def batch_scale(batch_size: int, reduction: str = "mean") -> float:
 
 @dataclass(eq=False)
 class ClipGroup:
-    """Parameters clipped together per sample with threshold ``max_norm`` (C_l)."""
+    """Parameters clipped together per sample with threshold ``max_norm`` (C_l).
+
+    Args:
+        name: the paths of the group's modules joined by ``+``.
+        members: ``(module, attribute)`` of each trainable parameter (a tied parameter once per module); kept
+            as weak references to the modules (the model owns its groups, not the other way round).
+        param_names: the parameters' names in the model (``named_parameters``, tied ones once).
+    """
 
     name: str
-    params: list[Tensor]
+    members: InitVar[list[tuple[nn.Module, str]]]
+    param_names: list[str] = field(default_factory=list)
     max_norm: float = math.inf
     reduction: str = "mean"
     runtime: Runtime = field(default_factory=Runtime)
-    expected_uses: int = 0
     pending: list[Use] = field(default_factory=list)
+    pending_calls: list[object] = field(default_factory=list)  # the forward call of each pending use
     pending_task: int | None = None  # the backward pass the pending uses belong to
     last_sq_norms: Tensor | None = None
+    calls: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # live forward calls (see the module doc)
+    _members: list[tuple[weakref.ref, str]] = field(init=False, default_factory=list)
 
-    def note_forward(self) -> None:
-        """Called by a DP layer's forward when it will take part in a backward pass."""
-        self.expected_uses += 1
+    def __post_init__(self, members: list[tuple[nn.Module, str]]) -> None:
+        self._members = [(weakref.ref(m), a) for m, a in members]
 
-    def add_use(self, use: Use, where: str) -> None:
-        """Called by a DP layer's backward; clips now, or later once every use of the pass has arrived."""
+    def __deepcopy__(self, memo: dict) -> ClipGroup:
+        """A copied model's group: the copied modules, a fresh Runtime and no pass in progress."""
+        new = ClipGroup(self.name, [], list(self.param_names), self.max_norm, self.reduction,
+                        copy.deepcopy(self.runtime, memo))
+        memo[id(self)] = new  # before the modules: they refer to their group
+        new._members = [(weakref.ref(copy.deepcopy(m, memo)), a) for m, a in self.modules()]
+        return new
+
+    def modules(self) -> list[tuple[nn.Module, str]]:
+        """``(module, attribute)`` of each member whose module is alive."""
+        return [(m, a) for m, a in ((r(), a) for r, a in self._members) if m is not None]
+
+    @property
+    def params(self) -> list[Tensor]:
+        """The tensors the members hold now, each once (under FSDP2: the sharded ones at rest, the unsharded ones
+        during forward and backward)."""
+        out: dict[int, Tensor] = {}
+        for mod, attr in self.modules():
+            p = mod._parameters.get(attr)
+            if p is not None:
+                out.setdefault(id(p), p)
+        return list(out.values())
+
+    def note_forward(self, call: object) -> None:
+        """Called by a DP layer's forward (with its call, kept by the autograd graph) when it will take part in a
+        backward pass: the group waits for the use of every such call still alive before clipping."""
+        self.calls.add(call)
+
+    def add_use(self, use: Use, where: str, call: object = None) -> None:
+        """Called by a DP layer's backward; clips now, or later once every live call has handed in its use."""
         task = self.runtime.note_backward(use.batch_size, where)
         if self.pending and self.pending_task != task:
             # uses left by a backward pass that raised before its end: void (that pass produced no step)
-            self.pending = []
+            self.pending, self.pending_calls = [], []
         self.pending.append(use)
+        self.pending_calls.append(call)
         self.pending_task = task
-        if len(self.pending) >= max(self.expected_uses, 1):
+        arrived = {id(c) for c in self.pending_calls}
+        if all(id(c) in arrived for c in list(self.calls)):
             self.finalize()
         else:
             self.runtime.defer(self, task)
 
     def finalize(self) -> None:
         """Clip and accumulate every pending use together (the end of the group's part of a backward pass)."""
-        uses, self.pending, self.pending_task = self.pending, [], None
+        uses, self.pending, self.pending_calls, self.pending_task = self.pending, [], [], None
         if not uses:
             return
-        self.expected_uses = max(0, self.expected_uses - len(uses))
         sizes = {u.batch_size for u in uses}
         if len(sizes) != 1:
             raise FlashDPError(

@@ -6,7 +6,7 @@ layer needs, so a layer author cannot forget part of it:
 1. the will-backward check: ``None`` when no trainable parameter of the layer takes part in a backward
    pass (grad mode off, or everything frozen); run the plain forward then;
 2. the batch-dimension check (inputs must be batch-first), with an error naming the layer;
-3. ``note_forward()`` on the layer's clip group, so a group used several times (tied weights, a module
+3. ``note_forward(call)`` on the layer's clip group, so a group used several times (tied weights, a module
    called twice) waits for all its uses before clipping; skipping it would silently clip each use alone;
 4. the number of samples in the input (an input of k·B rows under a model batch of B is the batch
    flattened sample-major), and the layer's name for messages.
@@ -96,7 +96,7 @@ class LayerCall:
 
     def add_use(self, use: Use) -> None:
         """From the layer's backward: hand ``use`` to the clip group (clipped now, or with the group's other uses)."""
-        self.group.add_use(use, self.name)
+        self.group.add_use(use, self.name, self)
 
     def scratch(self) -> dict[str, Any]:
         """From backward: a dict shared by the model's layers for the running backward pass (caches)."""
@@ -136,5 +136,7 @@ def layer_call(module: nn.Module, x: Tensor, params: tuple[Tensor | None, ...] |
     model_batch = runtime.model_batch()
     broadcast = allow_broadcast and lead == 1 and model_batch is not None and model_batch > 1
     batch = model_batch if broadcast else runtime.sample_count(lead, where)
-    group.note_forward()
-    return LayerCall(group, where, batch, broadcast, dispatch.captured_override())
+    call = LayerCall(group, where, batch, broadcast, dispatch.captured_override())
+    group.note_forward(call)
+    runtime.watch(module)
+    return call

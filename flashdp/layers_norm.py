@@ -10,12 +10,14 @@ own forward must equal ``weight * normalize(x)`` (Gemma's ``(1 + weight)`` fails
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fsdp import is_sharded
 from .groups import Component, Use, grad_buffer
 from .layers_common import LayerCall, layer_call, trainable
 from .registry import register_layer
@@ -177,9 +179,14 @@ def _is_llama_rms_norm(module: nn.Module) -> bool:
         return False
     gen = torch.Generator(device=w.device).manual_seed(0) if w.device.type in ("cpu", "cuda") else None
     x = torch.randn(2, 3, w.shape[0], dtype=w.dtype, device=w.device, generator=gen)
+    probe = module
+    if is_sharded(w):  # FSDP2's sharded DTensor weight (make_private after fully_shard): probe a plain one
+        w = torch.randn(w.shape, dtype=w.dtype, device=w.device, generator=gen)
+        probe = copy.copy(module)
+        probe.__dict__["_parameters"] = {**module._parameters, "weight": w}
     with torch.no_grad():
         try:
-            want = type(module).forward(module, x)
+            want = type(module).forward(probe, x)
             got = w * hf_rms_normalize(x, hf_rms_eps(module))
             return want.shape == got.shape and torch.allclose(want.float(), got.float(), rtol=1e-3, atol=1e-3)
         except Exception:  # a forward that cannot run on (2, 3, d) inputs is not Llama-style

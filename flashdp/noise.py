@@ -17,7 +17,8 @@ Definition (``DPOptimizer`` and any sharded caller must follow it exactly):
 
 So a shard holding elements ``[o, o + n)`` of p adds exactly its part of the unsharded noise by passing
 ``offset=o``. Under torch.distributed rank 0's keys are broadcast and every rank adds the same noise to
-its (identical, all-reduced) sums. Cost: one read and one write of the gradient; z is generated in
+its (identical, all-reduced) sums, or under FSDP2 its shard's part of the unsharded tensor's noise (the
+offset from :func:`flashdp.fsdp.local_shard`). Cost: one read and one write of the gradient; z is generated in
 registers (≈1 G elements/s on a 2-core CPU with the C++ extension, against ≈150 M/s for ``torch.normal``).
 """
 

@@ -3,14 +3,17 @@
 ``step()``:
 
 1. (distributed) the clipped sums are all-reduced (SUM) across ranks, unless
-   ``flashdp.DistributedDataParallel`` already summed them during backward;
+   ``flashdp.DistributedDataParallel`` already summed them during backward; FSDP2's sharded gradients
+   (DTensors) were summed by its reduce-scatter (see :mod:`flashdp.fsdp`) and are not all-reduced;
 2. skip the step with a warning if any gradient is NaN/inf (nothing is applied, no noise drawn), found
-   with one device-to-host synchronisation for all parameters;
+   with one device-to-host synchronisation for all parameters (and, with sharded gradients, one
+   all-reduce of a flag, so that every rank skips together);
 3. ``p.grad += σ·C_l·z`` for each trainable parameter p, ``C_l`` the threshold of p's clip group and z the
    counter-based normal of :mod:`flashdp.noise` indexed by (step key, p's stream id, element index):
    fp32, one fused pass per parameter, added once per ``step`` whatever the number of backward passes
    since the last one (gradient accumulation adds it once). Under torch.distributed rank 0's step keys
-   are broadcast and every rank adds the same noise to its identical sums;
+   are broadcast and every rank adds the same noise to its identical sums; a shard adds its part of the
+   unsharded tensor's noise (the element index is its global offset plus the local index);
 4. ``p.grad /= expected_batch_size`` (Poisson sampling: the expected, not the realised, batch size);
 5. the inner optimizer steps; the accountant, if any, records the step.
 
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import noise
+from . import fsdp, noise
 from .errors import ModelChangedError
 from .privatize import PrivacyState, state_of_parameter
 
@@ -103,10 +106,7 @@ class DPOptimizer(Optimizer):
         self.steps = 0
         self.skipped_steps = 0
         self._seed = seed if seed is not None else int(torch.initial_seed()) % (2**63)
-        self._threshold = {}
-        for g in state.groups:
-            for p in g.params:
-                self._threshold[id(p)] = g.max_norm
+        fsdp.configure(state)  # fully_shard applied after make_private: sum from the first backward on
         # Shared, not copied: schedulers and users editing param_groups edit the inner optimizer's.
         self.defaults = optimizer.defaults
         self.param_groups = optimizer.param_groups
@@ -135,14 +135,18 @@ class DPOptimizer(Optimizer):
 
     @torch.no_grad()
     def add_noise(self, params: list[torch.Tensor], keys: list[int] | None = None) -> None:
-        """``p.grad += σ·C_l·z(keys, stream_p, i)`` for each parameter (see :mod:`flashdp.noise`)."""
+        """``p.grad += σ·C_l·z(keys, stream_p, i)`` for each parameter (see :mod:`flashdp.noise`); a sharded
+        gradient adds the part of the unsharded tensor's noise its shard holds."""
         if self.noise_multiplier == 0:
             return
         if keys is None:
             keys = self.noise_keys()
-        streams = self.privacy.stream_ids
+        names = self.privacy.param_names
         for p in params:
-            noise.add_noise_(p.grad, keys, self.noise_multiplier * self._threshold[id(p)], streams[id(p)])
+            name = names[id(p)]
+            local, offset = fsdp.local_shard(p.grad)
+            noise.add_noise_(local, keys, self.noise_multiplier * self.privacy.threshold_of[name],
+                             self.privacy.stream_of[name], offset=offset)
 
     # -- step ----------------------------------------------------------------------------------------------
     def step(self, closure=None):
@@ -153,33 +157,42 @@ class DPOptimizer(Optimizer):
                 loss = closure()
         self.privacy.check_unchanged()
         params = self._dp_params()
-        unknown = [self.privacy.param_names.get(id(p), f"<parameter of shape {tuple(p.shape)}>") for p in params
-                   if id(p) not in self._threshold]
+        names = self.privacy.param_names
+        unknown = [tuple(p.shape) for p in params if id(p) not in names]
         if unknown:
             raise ModelChangedError(
-                f"flashdp.DPOptimizer: the optimizer holds trainable parameters that make_private did not see "
-                f"({unknown}); call make_private on the model that owns them before building the optimizer")
+                f"flashdp.DPOptimizer: the optimizer holds {len(unknown)} trainable parameter(s) (shapes "
+                f"{unknown[:5]}) that the private model does not hold now. Call make_private on the model that owns "
+                "them, and build the optimizer after fully_shard (FSDP2 replaces every parameter by a sharded one).")
         for p in params:
             if p.grad is None:  # an empty batch, or a layer unused this step: its clipped sum is zero
                 p.grad = torch.zeros_like(p)
+        shards = [fsdp.local_shard(p.grad) for p in params]
+        sharded = any(fsdp.is_sharded(p.grad) for p in params)
         dist = torch.distributed
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed and not self.privacy.grads_summed_by_ddp:
             for p in params:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        grads = [p.grad for p in params]
-        if not self._all_finite(grads):
-            bad = [self.privacy.param_names.get(id(p), "?") for p in params if not torch.isfinite(p.grad).all()]
+                if not fsdp.is_sharded(p.grad):  # FSDP2 has summed the sharded ones in its reduce-scatter
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        grads = [g for g, _ in shards]
+        device = grads[0].device if grads else torch.device("cpu")
+        finite = self._all_finite(grads)
+        if distributed and sharded:  # each rank checked its shards only: skip together or not at all
+            finite = fsdp.all_ranks(finite, device)
+        if not finite:
+            bad = [names[id(p)] for p, g in zip(params, grads, strict=True) if not torch.isfinite(g).all()]
+            where = f"in {bad[:5]}{'...' if len(bad) > 5 else ''}" if bad else "in another rank's shards"
             self.skipped_steps += 1
             warnings.warn(
-                f"flashdp.DPOptimizer: NaN/inf gradients in {bad[:5]}{'...' if len(bad) > 5 else ''}; the step is "
+                f"flashdp.DPOptimizer: NaN/inf gradients {where}; the step is "
                 "skipped and nothing is applied. Call zero_grad() before the next backward; lower the learning "
                 "rate or use fp32/bf16 autocast if this repeats.", RuntimeWarning, stacklevel=2)
             return None
         if self.noise_multiplier != 0:
             keys = self.noise_keys()
             if distributed:  # rank 0's keys: every rank adds the same noise to the same sums, noise once in all
-                keys = noise.broadcast_keys(keys, grads[0].device if grads else torch.device("cpu"))
+                keys = noise.broadcast_keys(keys, device)
             self.add_noise(params, keys)
         # Measured (single-thread CPU time, Llama 6×512 with 52 M parameters, B=32, T=128): the Philox noise pass
         # takes 96 ms where torch.normal took 522 ms; the finite check 27 ms; this division 26-37 ms. The division
@@ -209,28 +222,46 @@ class DPOptimizer(Optimizer):
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         sd = self.inner.state_dict()
-        sd["flashdp"] = {"steps": self.steps, "skipped_steps": self.skipped_steps, "seed": self._seed,
-                         "noise": "philox", "noise_multiplier": self.noise_multiplier,
-                         "expected_batch_size": self.expected_batch_size}
+        sd["flashdp"] = self.noise_state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("flashdp", None)
         self.inner.load_state_dict(state_dict)
-        # torch's load_state_dict replaces the inner optimizer's group dicts: share the new ones, or an LR
-        # scheduler built on this wrapper would keep editing the stale ones.
+        self.share_inner_state()
+        if extra is not None:
+            self.load_noise_state_dict(extra)
+
+    def noise_state_dict(self) -> dict[str, Any]:
+        """DPOptimizer's own state, the whole noise state (seed, step count) with its settings: plain Python values.
+
+        With torch.distributed.checkpoint, save this next to the model's and the inner optimizer's state
+        (``flashdp.CheckpointState`` does), never ``get_state_dict(model, dp_optimizer)``: DCP may call
+        ``step()`` on an optimizer without state, which here would add noise and count a step.
+        """
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "seed": self._seed, "noise": "philox",
+                "noise_multiplier": self.noise_multiplier, "expected_batch_size": self.expected_batch_size}
+
+    def load_noise_state_dict(self, extra: dict[str, Any]) -> None:
+        """Restore what :meth:`noise_state_dict` saved (the noise continues from the saved seed and step)."""
+        self.steps = int(extra["steps"])
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
+        self._seed = int(extra["seed"])
+        if "generators" in extra:
+            warnings.warn(
+                "flashdp.DPOptimizer.load_state_dict: this state comes from a flashdp version that drew noise "
+                "from torch generators; their states are ignored and the noise continues from (seed, step) with "
+                "the counter-based stream, so it differs from the original run's.", RuntimeWarning, stacklevel=2)
+
+    def share_inner_state(self) -> None:
+        """Share the inner optimizer's ``param_groups`` and ``state`` again after they were loaded.
+
+        torch's load_state_dict replaces the inner optimizer's group dicts: without this an LR scheduler built on
+        this wrapper would keep editing the stale ones.
+        """
         self.param_groups = self.inner.param_groups
         self.state = self.inner.state
-        if extra is not None:
-            self.steps = extra["steps"]
-            self.skipped_steps = extra.get("skipped_steps", 0)
-            self._seed = extra["seed"]
-            if "generators" in extra:
-                warnings.warn(
-                    "flashdp.DPOptimizer.load_state_dict: this state comes from a flashdp version that drew noise "
-                    "from torch generators; their states are ignored and the noise continues from (seed, step) with "
-                    "the counter-based stream, so it differs from the original run's.", RuntimeWarning, stacklevel=2)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         raise ValueError("flashdp.DPOptimizer: add parameter groups to the inner optimizer before wrapping it, "

@@ -5,14 +5,17 @@ for a DP subclass (``DPLinear`` for ``nn.Linear``, a generated ``DP<Name>`` for 
 whose forward routes through a DP autograd Function.
 Parameters, buffers, ``state_dict`` keys, hooks and ``isinstance`` checks are unchanged, so an optimizer
 built before or after sees the same tensors. Modules sharing a trainable parameter (a tied embedding and
-LM head) form one clip group. Every trainable parameter also gets a hook that fails loudly if autograd
-ever produces a gradient for it outside a DP layer (an unclipped gradient would silently break DP).
+LM head) form one clip group. Every trainable parameter (and every tensor a DP layer later runs with, such
+as FSDP2's unsharded parameters) gets a hook that fails loudly if autograd ever produces a gradient for it
+outside a DP layer (an unclipped gradient would silently break DP). Parameters are recorded by name and by
+``(module, attribute)`` and looked up when used, so sharding with FSDP2 before or after works.
 The model's :class:`PrivacyState` owns everything that changes while it runs (a
 :class:`~flashdp.runtime.Runtime`), so two private models share nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import weakref
@@ -23,8 +26,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import layers_embedding, layers_linear, layers_norm  # noqa: F401  (their built-in layers register)
-from .errors import FlashDPError, ModelChangedError, UnsupportedModuleError
+from . import fsdp, layers_embedding, layers_linear, layers_norm  # noqa: F401  (their built-in layers register)
+from .errors import ModelChangedError, UnsupportedModuleError
 from .groups import ClipGroup
 from .registry import find_converter, register_layer, supported_labels
 from .runtime import Runtime
@@ -33,8 +36,10 @@ __all__ = ["PrivacyState", "make_private", "privacy_state", "register_layer", "s
 
 # Which private model each trainable parameter belongs to, so DPOptimizer finds the state from the inner
 # optimizer's parameters alone. Weak both ways (a parameter → a weak reference to its state): an entry holds
-# nothing alive, and it names one model's state, so models share nothing through it.
+# nothing alive, and it names one model's state, so models share nothing through it. Parameters swapped in after
+# make_private (FSDP2's sharded ones) are found through _states, the live states, and then added here.
 _owner: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_states: weakref.WeakSet = weakref.WeakSet()
 _owner_lock = threading.Lock()
 
 
@@ -42,32 +47,81 @@ _owner_lock = threading.Lock()
 class PrivacyState:
     """What ``make_private`` recorded on the model (``model._flashdp_state``), and the model's running state.
 
+    Parameters are recorded by name (``model.named_parameters()``), and the tensors are looked up when needed:
+    FSDP2 replaces every parameter by a sharded one (and swaps an unsharded one in during forward and backward)
+    under the same name, so everything keyed here follows it.
+
     Attributes:
         max_grad_norm: C.
         groups: the clip groups, in the order of the model's modules.
-        param_names: ``id(p) → name`` of every trainable parameter (its first name in ``named_parameters``).
-        stream_ids: ``id(p) → i``, the parameter's position among the trainable parameters in
-            ``model.named_parameters()`` order (a tied parameter counted once): its noise stream id.
+        names: the trainable parameters' names in ``model.named_parameters()`` order, a tied parameter once
+            (its first name); a parameter's position here is its noise stream id.
         reduction: ``"mean"`` or ``"sum"``.
         runtime: the forward/backward bookkeeping of this model (:class:`flashdp.runtime.Runtime`).
     """
 
     max_grad_norm: float
     groups: list[ClipGroup]
-    param_names: dict[int, str]
+    names: list[str]
     reduction: str
     runtime: Runtime = field(default_factory=Runtime)
-    stream_ids: dict[int, int] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
     grads_summed_by_ddp: bool = False  # set by flashdp.DistributedDataParallel: DPOptimizer skips its all-reduce
     model_ref: Callable[[], nn.Module | None] = lambda: None
+    stream_of: dict[str, int] = field(init=False)
+    threshold_of: dict[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stream_of = {n: i for i, n in enumerate(self.names)}
+        self.threshold_of = {n: g.max_norm for g in self.groups for n in g.param_names}
+
+    def __deepcopy__(self, memo: dict) -> PrivacyState:
+        """A copied model's state: its groups name the copied modules, a fresh Runtime, the same settings."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        model = self.model_ref()
+        for k, v in self.__dict__.items():
+            if k != "model_ref":
+                object.__setattr__(new, k, copy.deepcopy(v, memo))
+        twin = copy.deepcopy(model, memo) if model is not None else None
+        new.model_ref = weakref.ref(twin) if twin is not None else (lambda: None)
+        _own(new, ())
+        return new
+
+    def forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Root pre-hook: configure FSDP2 units applied since (fully_shard after make_private), record the batch."""
+        fsdp.configure(self)
+        self.runtime.forward_pre_hook(module, args, kwargs)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """``name → tensor`` of the trainable parameters the model holds now (the sharded ones under FSDP2)."""
+        model = self.model_ref()
+        if model is None:
+            return {}
+        return {n: p for n, p in model.named_parameters() if n in self.stream_of}
+
+    @property
+    def param_names(self) -> dict[int, str]:
+        """``id(p) → name`` of the trainable parameters the model holds now."""
+        return {id(p): n for n, p in self.parameters().items()}
+
+    @property
+    def stream_ids(self) -> dict[int, int]:
+        """``id(p) → noise stream id`` of the trainable parameters the model holds now."""
+        return {id(p): self.stream_of[n] for n, p in self.parameters().items()}
 
     def check_unchanged(self) -> None:
-        """Raise ModelChangedError if the model has trainable parameters make_private did not see."""
+        """Raise ModelChangedError if the model has trainable parameters make_private did not convert."""
         model = self.model_ref()
         if model is None:
             return
-        new = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in self.param_names]
+        mine = {id(g) for g in self.groups}
+        new = []
+        for path, mod in model.named_modules():
+            group = mod.__dict__.get("_flashdp_group")
+            known = mod.__dict__.get("_flashdp_param_names", {}) if id(group) in mine else {}
+            new += [f"{path}.{a}" if path else a for a, p in mod._parameters.items()
+                    if p is not None and p.requires_grad and a not in known]
         if new:
             raise ModelChangedError(
                 f"flashdp: the model changed after make_private: trainable parameter(s) {new} were not privatised "
@@ -82,10 +136,26 @@ def privacy_state(model: nn.Module) -> PrivacyState | None:
 
 
 def state_of_parameter(p: torch.Tensor) -> PrivacyState | None:
-    """The privacy state of the live private model ``p`` belongs to, or None."""
+    """The privacy state of the live private model ``p`` belongs to now, or None."""
     with _owner_lock:
         ref = _owner.get(p)
-    return ref() if ref is not None else None
+        states = list(_states)
+    if ref is not None and ref() is not None:
+        return ref()
+    for state in states:  # a parameter swapped in after make_private (fully_shard applied afterwards)
+        params = state.parameters()
+        if any(q is p for q in params.values()):
+            _own(state, params.values())
+            return state
+    return None
+
+
+def _own(state: PrivacyState, params) -> None:
+    ref = weakref.ref(state)
+    with _owner_lock:
+        for p in params:
+            _owner[p] = ref
+        _states.add(state)
 
 
 def _tied_components(owners: dict[int, list[str]], trainable_mods: list[str]) -> list[list[str]]:
@@ -147,9 +217,9 @@ def make_private(
     if old is not None:
         for h in old.hooks:
             h.remove()
+        old.runtime.unwatch_all()
 
     owners: dict[int, list[str]] = {}
-    params: dict[int, torch.Tensor] = {}
     modules: dict[str, nn.Module] = {}
     for path, mod in model.named_modules():
         names = [n for n, p in mod._parameters.items() if p is not None and p.requires_grad]
@@ -157,9 +227,7 @@ def make_private(
             continue
         modules[path] = mod
         for n in names:
-            p = mod._parameters[n]
-            owners.setdefault(id(p), []).append(path)
-            params[id(p)] = p
+            owners.setdefault(id(mod._parameters[n]), []).append(path)
 
     converters: dict[str, object] = {}
     bad = []
@@ -173,51 +241,49 @@ def make_private(
     if bad:
         raise UnsupportedModuleError(bad, supported_labels())
 
+    first_name: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in owners:
+            first_name.setdefault(id(p), n)
     comps = _tied_components(owners, list(modules))
     L = len(comps)
     runtime = Runtime()
     groups = []
     for paths in comps:
-        gparams: dict[int, torch.Tensor] = {}
-        for path in paths:
-            for p in modules[path]._parameters.values():
-                if p is not None and p.requires_grad:
-                    gparams[id(p)] = p
+        members = [(modules[path], a) for path in paths for a, p in modules[path]._parameters.items()
+                   if p is not None and p.requires_grad]
+        gnames = list(dict.fromkeys(first_name[id(mod._parameters[a])] for mod, a in members))
         c_l = max_grad_norm / math.sqrt(L)
         override = _override(group_max_grad_norms, paths)
         if override is not None:
             if not math.isfinite(override) or override <= 0:
                 raise ValueError(f"flashdp.make_private: threshold for group {paths} must be > 0, got {override!r}")
             c_l = float(override)
-        group = ClipGroup(name="+".join(paths), params=list(gparams.values()), max_norm=c_l, reduction=loss_reduction,
-                          runtime=runtime)
+        group = ClipGroup(name="+".join(paths), members=members, param_names=gnames, max_norm=c_l,
+                          reduction=loss_reduction, runtime=runtime)
         groups.append(group)
         for path in paths:
             mod = modules[path]
             conv = converters[path]
             mod.__dict__["_flashdp_group"] = group
             mod.__dict__["_flashdp_name"] = path or type(mod).__name__
+            mod.__dict__["_flashdp_param_names"] = {a: first_name[id(p)] for a, p in mod._parameters.items()
+                                                    if p is not None and p.requires_grad}
+            mod.__dict__["_flashdp_watched"] = {}  # the new runtime watches afresh (make_private called again)
             if isinstance(conv, type):
                 mod.__class__ = conv
             else:
                 conv(mod)
 
-    names: dict[int, str] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in params:
-            names.setdefault(id(p), n)
-    streams = {pid: i for i, pid in enumerate(names)}  # dicts keep insertion (named_parameters) order
-    state = PrivacyState(max_grad_norm=float(max_grad_norm), groups=groups, param_names=names,
-                         reduction=loss_reduction, runtime=runtime, stream_ids=streams, model_ref=weakref.ref(model))
-    for pid, p in params.items():
-        state.hooks.append(p.register_hook(_outside_dp_hook(names.get(pid, "?"))))
-    state.hooks.append(model.register_forward_pre_hook(runtime.forward_pre_hook, with_kwargs=True))
+    state = PrivacyState(max_grad_norm=float(max_grad_norm), groups=groups, names=list(first_name.values()),
+                         reduction=loss_reduction, runtime=runtime, model_ref=weakref.ref(model))
+    for mod in modules.values():
+        runtime.watch(mod)
+    state.hooks.append(model.register_forward_pre_hook(state.forward_pre_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(runtime.forward_hook, always_call=True))
     model.__dict__["_flashdp_state"] = state
-    ref = weakref.ref(state)
-    with _owner_lock:
-        for p in params.values():
-            _owner[p] = ref
+    _own(state, state.parameters().values())
+    fsdp.configure(state)  # a model sharded with FSDP2 already (make_private after fully_shard)
     return model
 
 
@@ -229,16 +295,3 @@ def _override(spec, paths: list[str]) -> float | None:
         if v is not None:
             return float(v)
     return None
-
-
-def _outside_dp_hook(name: str):
-    def hook(grad: torch.Tensor | None) -> None:
-        if grad is None:  # DP layers return no autograd gradient for their parameters
-            return
-        raise FlashDPError(
-            f"flashdp: parameter {name!r} received a gradient from autograd outside a DP layer, which would not be "
-            "clipped per sample. Its module (or other code) uses it directly instead of through the module's "
-            "forward. Freeze it, or register a DP layer for the code that uses it (flashdp.register_layer)."
-        )
-
-    return hook

@@ -11,16 +11,22 @@ shared by its clip groups; two private models in one process share nothing.
   waiting for a use, and a scratch dict the layers may cache per-pass results in (the Gram matrix of an
   input read by several layers). An engine callback ends the pass: deferred groups are clipped and the
   pass's record is dropped. A pass that raised never reaches its callback; its record is dropped once
-  :data:`MAX_OPEN_PASSES` newer passes exist.
+  :data:`MAX_OPEN_PASSES` newer passes exist. Under FSDP2 (``sharded``) a group still waiting at the end of
+  the pass is an error: FSDP2 has reduced the gradients by then, so its clipped sum could not be completed.
+- Parameters: every tensor a DP layer runs with gets a hook that refuses a gradient from autograd (a use
+  outside the DP layer, which would escape clipping). The tensors are watched as the layers see them, so
+  the unsharded parameters FSDP2 swaps in during forward are covered too.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _autograd_engine
 from .errors import FlashDPError
@@ -50,6 +56,9 @@ class Runtime:
         self._lock = threading.Lock()
         self._passes: dict[int, _Pass] = {}
         self.logged_paths: set[tuple[str, str]] = set()  # (layer, path) already reported by the dispatcher
+        self._watched: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter → its outside-DP hook's handle
+        self.sharded = False  # under FSDP2 (set by flashdp.fsdp): deferral to the end of a pass is refused
+        self.checked_units: tuple[int, ...] = ()  # the FSDP2 units the clip groups were last checked against
 
     def __deepcopy__(self, memo: dict) -> Runtime:
         """A copied model starts with no forward or backward pass running: a fresh Runtime."""
@@ -106,6 +115,34 @@ class Runtime:
             "sample-major): keep inputs batch-first (batch_first=True), and expand broadcast inputs to the batch."
         )
 
+    # -- parameters ------------------------------------------------------------------------------------
+    def watch(self, module: torch.nn.Module) -> None:
+        """Hook the trainable tensors ``module`` holds now (once each) against gradients from outside DP layers.
+
+        Called on every DP-layer forward: the module remembers (weakly) the tensor it last had watched per
+        attribute, so the common case costs a dict lookup per parameter.
+        """
+        names = module.__dict__.get("_flashdp_param_names")
+        if not names:
+            return
+        last = module.__dict__.setdefault("_flashdp_watched", {})
+        for attr, name in names.items():
+            p = module._parameters.get(attr)
+            if p is None or not p.requires_grad:
+                continue
+            ref = last.get(attr)
+            if ref is not None and ref() is p:
+                continue
+            if p not in self._watched:
+                self._watched[p] = p.register_hook(_outside_dp_hook(name))
+            last[attr] = weakref.ref(p)
+
+    def unwatch_all(self) -> None:
+        """Remove every hook :meth:`watch` registered (make_private called again)."""
+        for handle in list(self._watched.values()):
+            handle.remove()
+        self._watched = WeakIdKeyDictionary()
+
     # -- backward --------------------------------------------------------------------------------------
     def _enter(self, batch_size: int, where: str) -> tuple[int, _Pass | None]:
         """The running pass's record, created (with its end-of-pass callback) on the pass's first use."""
@@ -152,6 +189,28 @@ class Runtime:
         if rec is None:
             return
         rec.scratch.clear()
-        for group in rec.deferred:
-            if group.pending_task == task:
-                group.finalize()
+        late = [g for g in rec.deferred if g.pending_task == task]
+        if late and self.sharded:
+            for group in late:
+                group.pending, group.pending_calls, group.pending_task = [], [], None
+            raise FlashDPError(
+                f"flashdp: clip group(s) {[g.name for g in late]} were still waiting for the use of a forward call "
+                "when the backward pass ended. Under FSDP2 the gradients are reduced by then, so their clipped sums "
+                "cannot be completed. Every DP-layer call of a forward must take part in that forward's backward: "
+                "run forwards whose outputs you do not backpropagate under torch.no_grad() (or drop their outputs), "
+                "and run each forward's backward before the next forward.")
+        for group in late:
+            group.finalize()
+
+
+def _outside_dp_hook(name: str):
+    def hook(grad: torch.Tensor | None) -> None:
+        if grad is None:  # DP layers return no autograd gradient for their parameters
+            return
+        raise FlashDPError(
+            f"flashdp: parameter {name!r} received a gradient from autograd outside a DP layer, which would not be "
+            "clipped per sample. Its module (or other code) uses it directly instead of through the module's "
+            "forward. Freeze it, or register a DP layer for the code that uses it (flashdp.register_layer)."
+        )
+
+    return hook

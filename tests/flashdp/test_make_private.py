@@ -135,7 +135,30 @@ def test_parameter_used_outside_its_dp_layer_is_refused():
     flashdp.make_private(model, 1.0)
     with pytest.raises(flashdp.FlashDPError, match="outside a DP layer"):
         model(torch.randn(2, 3)).sum().backward()
+    flashdp.make_private(model, 1.0)  # again: the old hooks go, new ones come
+    with pytest.raises(flashdp.FlashDPError, match="outside a DP layer"):
+        model(torch.randn(2, 3)).sum().backward()
 
+
+
+def test_tensor_swapped_behind_a_module_attribute_is_followed():
+    """FSDP2 swaps the tensor behind ``module.weight`` (sharded at rest, unsharded in forward): the clip groups,
+    the outside-DP check and DPOptimizer follow the module attribute and the parameter's name."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    flashdp.make_private(model, 1.0)
+    for mod in model:
+        for name in ("weight", "bias"):
+            mod._parameters[name] = nn.Parameter(mod._parameters[name].detach().clone())
+    state = flashdp.privacy_state(model)
+    assert [id(p) for g in state.groups for p in g.params] == [id(p) for p in model.parameters()]
+    assert sorted(state.param_names.values()) == sorted(n for n, _ in model.named_parameters())
+    opt = flashdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                              expected_batch_size=2)
+    model(torch.randn(2, 3)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()
+    with pytest.raises(flashdp.FlashDPError, match=r"'0\.weight' received a gradient from autograd outside a DP"):
+        (model(torch.randn(2, 3)).sum() + model[0].weight.sum()).backward()
 
 def test_all_names_resolve():
     for name in flashdp.__all__:

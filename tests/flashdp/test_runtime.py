@@ -106,3 +106,34 @@ def test_deepcopy_of_a_private_model_gets_its_own_runtime():
         m(x).pow(2).sum().backward()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
+    state = flashdp.privacy_state(twin)
+    assert [id(p) for g in state.groups for p in g.params] == [id(p) for p in twin.parameters()]  # the copy's
+    assert state.model_ref() is twin
+    opt = flashdp.DPOptimizer(torch.optim.SGD(twin.parameters(), lr=1.0), noise_multiplier=0.0, expected_batch_size=5)
+    opt.step()
+    assert opt.privacy is state
+
+
+def _grad_seen_inside_backward(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the Linear's clipped sum is in .grad when its input's gradient arrives (inside the pass), not
+    only at the end of the pass."""
+    x = x.clone().requires_grad_(True)
+    seen = []
+    x.register_hook(lambda g: seen.append(model[0].weight.grad is not None))
+    model(x).sum().backward()
+    return seen[0]
+
+
+def test_dropped_forward_does_not_hold_back_clipping():
+    """A group clips as soon as every live forward call has handed in its use: a forward whose output was
+    dropped without a backward is not waited for (under FSDP2 waiting until the pass ends would be too late)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    flashdp.make_private(model, 1.0)
+    x = torch.randn(2, 3)
+    model(x)  # grad mode on, output dropped: its graph, and the call it recorded, are freed
+    assert _grad_seen_inside_backward(model, x)
+    model.zero_grad()
+    kept = model(x)  # alive and never backpropagated: the group waits for it until the pass ends
+    assert not _grad_seen_inside_backward(model, x)
+    assert model[0].weight.grad is not None
+    del kept
