@@ -74,7 +74,8 @@ def run_isolated(method: str, cfg: RunConfig, timeout: float | None = None) -> d
         out = os.path.join(tmp, "record.json")
         cmd = [sys.executable, "-m", "memtrain.bench.isolate", _config_json(method, cfg), out]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+            # cwd: a checkout's own memtrain/ folder (which lacks memtrain.bench) must not shadow the install
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=tmp)
         except subprocess.TimeoutExpired:
             return {"status": "failed", "error": f"the isolated process ran past {timeout} s"}
         if done.returncode != 0 or not os.path.exists(out):

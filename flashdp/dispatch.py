@@ -28,14 +28,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
 
 import torch
 
-from memtrain.kernels.dp_clip_once import cuda_once_fits
+from memtrain.kernels.dp_clip_once import cuda_once_fits, cuda_once_status, prepare
 from memtrain.kernels.dp_linear_norms import ghost_is_cheaper
 
 __all__ = ["PATHS", "UNSET", "choose_path", "cuda_once_serves", "describe_rules", "force_path", "log_choice"]
@@ -100,34 +99,30 @@ def choose_path(device_type: str, T: int, d_in: int, d_out: int, cuda_once: bool
     return forced or _auto(device_type, T, d_in, d_out, cuda_once)
 
 
-@functools.cache
-def _fits_checks_layer() -> bool:
-    """Whether ``cuda_once_fits`` takes the layer's dtype, bias and layout (and so says itself what it serves)."""
-    try:
-        names = inspect.signature(cuda_once_fits).parameters
-    except (TypeError, ValueError):
-        return False
-    return {"dtype", "has_bias", "layout"} <= names.keys()
-
-
 def cuda_once_serves(d_out: int, d_in: int, device: torch.device, *, dtype: torch.dtype, has_bias: bool,
                      layout: str, fits: Callable[..., bool] | None = None) -> bool:
     """Whether the cooperative CUDA kernel serves this layer (the "once" path on CUDA).
 
-    A kernel whose ``cuda_once_fits`` takes ``dtype``, ``has_bias`` and ``layout`` answers for itself. An
-    older one only knows about tile counts, and serves fp32, weight-only layers with nn.Linear's (out, in)
-    layout; anything else (bf16, a bias, GPT-2 Conv1D's (in, out) weight) goes to the two-pass path.
-    ``fits`` replaces ``memtrain.kernels.dp_clip_once.cuda_once_fits`` (tests).
+    The kernel answers for itself (``memtrain.kernels.dp_clip_once.cuda_once_fits``): fp32, weight-only layers
+    with nn.Linear's (out, in) layout whose tiles stay co-resident, once ``prepare(device)`` has built it;
+    anything else (bf16, a bias, GPT-2 Conv1D's (in, out) weight, a kernel that failed to build) goes to the
+    two-pass path. ``fits`` replaces ``cuda_once_fits`` (tests).
     """
-    if fits is None:
-        fits, checks_layer = cuda_once_fits, _fits_checks_layer()
-    else:
-        checks_layer = {"dtype", "has_bias", "layout"} <= inspect.signature(fits).parameters.keys()
-    if checks_layer:
-        return bool(fits(d_out, d_in, device, dtype=dtype, has_bias=has_bias, layout=layout))
-    if dtype != torch.float32 or has_bias or layout != "out_in":
-        return False
-    return bool(fits(d_out, d_in, device))
+    fits = cuda_once_fits if fits is None else fits
+    return bool(fits(d_out, d_in, device, dtype=dtype, has_bias=has_bias, layout=layout))
+
+
+def prepare_once_kernel(device: torch.device | None, prepared: set[torch.device]) -> None:
+    """Build the cooperative CUDA kernel for ``device`` ahead of the first backward that could use it.
+
+    Called by a private model's root forward pre-hook (so a model moved to the GPU after ``make_private`` is
+    served too): once per device in ``prepared``; the kernel module remembers a failed build and never retries
+    it. Skipped off CUDA and when ``FLASHDP_PATH`` forces another path.
+    """
+    if device is None or device.type != "cuda" or device in prepared or _env_path() not in (None, "once"):
+        return
+    prepared.add(device)
+    prepare(device)
 
 
 def log_choice(seen: set[tuple[str, str]], name: str, path: str, detail: str) -> None:
@@ -142,8 +137,8 @@ def log_choice(seen: set[tuple[str, str]], name: str, path: str, detail: str) ->
 def describe_rules() -> dict[str, str]:
     """The dispatch rule per device, in words (for ``python -m memtrain.env_report``)."""
     forced = os.environ.get("FLASHDP_PATH")
-    kernel = ("decides itself (cuda_once_fits takes dtype/has_bias/layout)" if _fits_checks_layer()
-              else "fp32, weight-only, (out, in) layout only (flashdp's guard; cuda_once_fits checks tile counts)")
+    kernel = ("fp32, weight-only, (out, in) layers (cuda_once_fits; why a layer is not served: "
+              f"cuda_once_reason); kernel {cuda_once_status()}")
     rules = {
         "cpu": "ghost norms + one row-scaled GEMM when 2·T² < d_in·d_out (ghost_is_cheaper), else 'once' "
                "(per-sample tiles in cache-sized chunks)",

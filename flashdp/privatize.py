@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import fsdp, layers_embedding, layers_linear, layers_norm  # noqa: F401  (their built-in layers register)
+from . import dispatch, fsdp, layers_embedding, layers_linear, layers_norm  # noqa: F401  (built-ins register)
 from .errors import ModelChangedError, UnsupportedModuleError
 from .groups import ClipGroup
 from .registry import find_converter, register_layer, supported_labels
@@ -70,6 +70,7 @@ class PrivacyState:
     model_ref: Callable[[], nn.Module | None] = lambda: None
     stream_of: dict[str, int] = field(init=False)
     threshold_of: dict[str, float] = field(init=False)
+    kernel_devices: set[torch.device] = field(default_factory=set)  # CUDA devices the "once" kernel was built for
 
     def __post_init__(self) -> None:
         self.stream_of = {n: i for i, n in enumerate(self.names)}
@@ -89,8 +90,12 @@ class PrivacyState:
         return new
 
     def forward_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Root pre-hook: configure FSDP2 units applied since (fully_shard after make_private), record the batch."""
+        """Root pre-hook: configure FSDP2 units applied since (fully_shard after make_private), build the CUDA
+        "once" kernel before the first backward on a new device, record the batch."""
         fsdp.configure(self)
+        if torch.is_grad_enabled():
+            first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)), None)
+            dispatch.prepare_once_kernel(first.device if first is not None else None, self.kernel_devices)
         self.runtime.forward_pre_hook(module, args, kwargs)
 
     def parameters(self) -> dict[str, torch.Tensor]:

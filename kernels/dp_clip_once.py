@@ -77,8 +77,9 @@ _KERNEL = _CudaKernel()
 def prepare(device: torch.device | str | int | None = None) -> bool:
     """Compile (or load from torch's extension cache) the cooperative CUDA kernel now, outside any backward.
 
-    Call once before training (``flashdp.make_private`` does). The first call on a machine compiles for a
-    minute or so; a failure is remembered, warned about once, and never retried in this process.
+    Call once before training (a model made private by flashdp does, in its first grad-enabled forward on
+    the device). The first call on a machine compiles for a minute or so; a failure is remembered, warned
+    about once, and never retried in this process.
 
     Args:
         device: the CUDA device the kernel will run on (default: the current one).

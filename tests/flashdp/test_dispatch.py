@@ -38,10 +38,6 @@ def test_force_path_and_env(monkeypatch):
 # ------------------------------------------------------------------------------------------------------------
 # The CUDA "once" path only for layers the cooperative kernel serves.
 
-def _old_fits(d_out, d_in, device=None):  # the kernel's signature before it learnt about dtype, bias, layout
-    return True
-
-
 def _new_fits(d_out, d_in, device=None, *, dtype, has_bias, layout):
     _new_fits.calls.append((dtype, has_bias, layout))
     return has_bias  # pretend this kernel serves layers with a bias only
@@ -50,16 +46,19 @@ def _new_fits(d_out, d_in, device=None, *, dtype, has_bias, layout):
 _new_fits.calls = []
 
 
-@pytest.mark.parametrize(("dtype", "bias", "layout", "want"), [
-    (torch.float32, False, "out_in", True),
-    (torch.bfloat16, False, "out_in", False),
-    (torch.float16, False, "out_in", False),
-    (torch.float32, True, "out_in", False),
-    (torch.float32, False, "in_out", False),
+@pytest.mark.parametrize(("dtype", "bias", "layout", "reason"), [
+    (torch.bfloat16, False, "out_in", "fp32"),
+    (torch.float16, False, "out_in", "fp32"),
+    (torch.float32, True, "out_in", "bias"),
+    (torch.float32, False, "in_out", "layout"),
 ])
-def test_once_on_cuda_only_for_layers_an_old_kernel_serves(dtype, bias, layout, want):
+def test_once_never_taken_for_layers_the_kernel_does_not_serve(dtype, bias, layout, reason):
+    """Answered from the layer alone: nothing is built or launched, with or without CUDA."""
+    from memtrain.kernels.dp_clip_once import cuda_once_reason
+
     dev = torch.device("cuda", 0)
-    assert dispatch.cuda_once_serves(64, 64, dev, dtype=dtype, has_bias=bias, layout=layout, fits=_old_fits) is want
+    assert dispatch.cuda_once_serves(64, 64, dev, dtype=dtype, has_bias=bias, layout=layout) is False
+    assert reason in cuda_once_reason(64, 64, dev, dtype=dtype, has_bias=bias, layout=layout)
 
 
 def test_a_kernel_that_checks_the_layer_decides_itself():
@@ -100,4 +99,28 @@ def test_env_report_lists_the_dispatch_rules():
 
     info = report()
     assert "flashdp dispatch (cpu)" in info and "flashdp dispatch (cuda)" in info
-    assert "fp32" in info["flashdp dispatch (cuda)"] and "ghost" in info["flashdp dispatch (cpu)"]
+    assert "fp32, weight-only" in info["flashdp dispatch (cuda)"] and "ghost" in info["flashdp dispatch (cpu)"]
+
+
+def test_once_kernel_built_ahead_once_per_cuda_device(monkeypatch):
+    built = []
+    monkeypatch.setattr(dispatch, "prepare", built.append)
+    prepared = set()
+    for dev in ("cuda:0", "cuda:0", "cpu", "cuda:1"):
+        dispatch.prepare_once_kernel(torch.device(dev), prepared)
+    assert built == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    monkeypatch.setenv("FLASHDP_PATH", "ghost")  # forced off the kernel: nothing to build
+    dispatch.prepare_once_kernel(torch.device("cuda", 2), prepared)
+    assert len(built) == 2
+
+
+def test_private_model_prepares_the_kernel_in_a_grad_forward_only(monkeypatch):
+    seen = []
+    monkeypatch.setattr(dispatch, "prepare_once_kernel", lambda device, prepared: seen.append(device))
+    model = flashdp.make_private(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)), 1.0)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        model(x)
+    assert seen == []
+    model(x).sum().backward()
+    assert seen == [torch.device("cpu")]
