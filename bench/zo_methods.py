@@ -116,18 +116,9 @@ def plan_fields(plan) -> dict:
     return {**{n: getattr(plan, n) for n in names}, "text": str(plan)}
 
 
-TRANSFERS_UNAVAILABLE = ("zo2's offload engine has no time_transfers() in this build: the transfer time alone "
-                         "(and the share of it hidden behind compute) is not measured")
-
-
-def transfer_timer(engine) -> tuple[dict, dict]:
-    """(extra timings, info) for an offload engine: ``engine.time_transfers()`` timed per round when the engine
-    has it, else an 'unavailable' record under ``transfers``."""
-    try:
-        time_transfers = engine.time_transfers
-    except AttributeError:
-        return {}, {"transfers": {"status": "unavailable", "error": TRANSFERS_UNAVAILABLE}}
-    return {"transfers": lambda: float(time_transfers())}, {}
+def transfer_timer(engine) -> dict:
+    """Extra timings for an offload engine: ``engine.time_transfers()`` (the transfers alone) per round."""
+    return {"transfers": lambda: float(engine.time_transfers())}
 
 
 def _offload(amp: bool):
@@ -142,8 +133,8 @@ def _offload(amp: bool):
             opt.flush()
             engine.detach()
 
-        timings, info = transfer_timer(engine)
-        return Runner(lambda: float(opt.step(closure)), close, {"offload_plan": plan_fields(engine.plan), **info},
+        timings = transfer_timer(engine)
+        return Runner(lambda: float(opt.step(closure)), close, {"offload_plan": plan_fields(engine.plan)},
                       timings)
 
     return setup

@@ -2,7 +2,7 @@
 
 Definition (``DPOptimizer`` and any sharded caller must follow it exactly):
 
-- step key ``k_t = zo2.step_seed(seed, t) = splitmix64(splitmix64(splitmix64(seed) ^ t) ^ 0)`` (64-bit),
+- step key ``k_t = memtrain.seeds.step_seed(seed, t) = splitmix64(splitmix64(splitmix64(seed) ^ t) ^ 0)`` (64-bit),
   ``t`` the number of steps the optimizer applied before this one (skipped NaN/inf steps do not count);
 - stream ``s_p``: the position of parameter p among the model's trainable parameters in
   ``model.named_parameters()`` order, a tied parameter counted once (``PrivacyState.stream_ids``);
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from memtrain.kernels.zo_perturb import zo_perturb_
-from zo2 import step_seed
+from memtrain.seeds import step_seed
 
 __all__ = ["SECURE_TERMS", "add_noise_", "broadcast_keys", "noise_keys"]
 

@@ -93,6 +93,8 @@ class DPTrainer(Trainer):
 
     @property
     def noise_multiplier(self) -> float:
+        """σ: ``dp_noise_multiplier``, or calibrated to ``dp_target_epsilon`` (once per set of arguments: the
+        calibration is a search over accountant evaluations)."""
         a = self.args
         if a.dp_noise_multiplier is not None:
             return float(a.dp_noise_multiplier)
@@ -100,8 +102,13 @@ class DPTrainer(Trainer):
             steps = a.max_steps
         else:
             steps = math.ceil(a.num_train_epochs / self.sample_rate)
-        return get_noise_multiplier(target_epsilon=a.dp_target_epsilon, target_delta=a.dp_delta,
-                                    sample_rate=self.sample_rate, steps=steps, mechanism=a.dp_accountant)
+        key = (a.dp_target_epsilon, a.dp_delta, self.sample_rate, steps, a.dp_accountant)
+        cached = getattr(self, "_calibrated", None)
+        if cached is None or cached[0] != key:
+            sigma = get_noise_multiplier(target_epsilon=a.dp_target_epsilon, target_delta=a.dp_delta,
+                                         sample_rate=self.sample_rate, steps=steps, mechanism=a.dp_accountant)
+            self._calibrated = cached = (key, sigma)
+        return cached[1]
 
     def epsilon(self) -> float:
         """ε spent so far at ``args.dp_delta``."""

@@ -1,8 +1,8 @@
 """Save and resume a training run (model, optimizer, scheduler, accountant, RNG states) in one atomic file.
 
 Works for both front-ends: ``zo2.ZOSGD``'s state_dict carries its base seed and step counter,
-``flashdp.DPOptimizer``'s its step counter and noise generator states, ``flashdp.PrivacyAccountant`` its
-history, so a resumed run continues the uninterrupted one bit for bit on CPU.
+``flashdp.DPOptimizer``'s its noise seed and step counter (the noise is a function of them),
+``flashdp.PrivacyAccountant`` its history, so a resumed run continues the uninterrupted one bit for bit on CPU.
 
 The file holds only tensors and plain Python containers, so ``torch.load(path, weights_only=True)``
 reads it. A save writes a temporary file in the same directory, flushes it to disk (fsync) and renames

@@ -1,4 +1,4 @@
-"""Seed schedule and the one fused noise pass over a tensor.
+"""The one fused noise pass over a tensor (the seed schedule is :mod:`memtrain.seeds`).
 
 Every direction z is a pure function of (step seed, parameter stream id, element index), so nothing
 tensor-sized is stored: a step keeps its seeds, and every pass (perturb, flip, restore + update; see
@@ -12,21 +12,9 @@ from collections.abc import Sequence
 import torch
 
 from memtrain.kernels.zo_perturb import zo_perturb_
+from memtrain.seeds import MASK64, splitmix64, step_seed
 
-MASK64 = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    """SplitMix64's finaliser (Steele et al., OOPSLA'14): a bijective 64-bit mixer."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
-def step_seed(base_seed: int, step: int, perturbation: int = 0) -> int:
-    """The 64-bit Philox key of direction ``perturbation`` of step ``step`` (0-based) of a run."""
-    return splitmix64(splitmix64(splitmix64(base_seed & MASK64) ^ step) ^ perturbation)
+__all__ = ["MASK64", "apply_pass", "splitmix64", "step_seed"]
 
 
 def apply_pass(tensor: torch.Tensor, stream: int, seeds: Sequence[int], coefs: Sequence[float], decay: float,

@@ -16,12 +16,10 @@ from memtrain.bench.dp_methods import DP_METHODS
 from memtrain.bench.methods import Method, MethodUnavailable, Runner
 from memtrain.bench.planner import backward_parts
 from memtrain.bench.run import RunConfig, run_comparison
-from memtrain.bench.zo_methods import TRANSFERS_UNAVAILABLE, ZO_METHODS
-from zo2.offload import OffloadEngine
+from memtrain.bench.zo_methods import ZO_METHODS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 OFFLOAD = {"zo2-offload", "zo2-offload-amp"}
-HAS_TIME_TRANSFERS = hasattr(OffloadEngine, "time_transfers")
 SMALL = ["--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1", "--no-plots"]
 
 
@@ -177,16 +175,6 @@ def test_offload_methods_record_the_engine_plan(zo_record):
     for name in OFFLOAD:
         plan = _by_method(zo_record)[name]["offload_plan"]
         assert plan["ring_bytes"] > 0 and plan["num_blocks"] == 2 and plan["text"]
-
-
-@pytest.mark.skipif(HAS_TIME_TRANSFERS, reason="zo2's engine has time_transfers() in this build")
-def test_engine_without_time_transfers_gives_an_unavailable_record(zo_record):
-    for name in OFFLOAD:
-        assert _by_method(zo_record)[name]["transfers"] == {"status": "unavailable", "error": TRANSFERS_UNAVAILABLE}
-    comps = {c["method"]: c for c in zo_record["comparisons"]}
-    assert set(comps) == OFFLOAD
-    for c in comps.values():
-        assert c["ratio"] > 0 and c["hidden_share"] is None and c["hidden_share_note"] == TRANSFERS_UNAVAILABLE
 
 
 def test_every_method_has_one_definition_with_a_plan():

@@ -81,3 +81,28 @@ def test_scheduler_follows_dpoptimizer_after_load_state_dict():
     opt.load_state_dict(opt.state_dict())
     sched.step()
     assert opt.inner.param_groups[0]["lr"] == 0.5
+
+
+def test_target_epsilon_calibrates_sigma_once(tmp_path, make_llama, monkeypatch):
+    """σ from dp_target_epsilon: the accountant spends at most the target over the run (and just under it),
+    and the search runs once however often the trainer reads σ."""
+    import flashdp.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.get_noise_multiplier
+
+    def counted(**kw):
+        calls.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(trainer_module, "get_noise_multiplier", counted)
+    args = dp_args(tmp_path, dp_noise_multiplier=None, dp_target_epsilon=3.0, num_train_epochs=2)
+    trainer = DPTrainer(model=make_llama(), args=args, train_dataset=dataset(), data_collator=default_data_collator)
+    sigma = trainer.noise_multiplier
+    assert trainer.noise_multiplier == sigma and len(calls) == 1
+    steps = 2 * N // 8  # epochs / sample rate
+    acct = RDPAccountant()
+    for _ in range(steps):
+        acct.step(noise_multiplier=sigma, sample_rate=8 / N)
+    # Opacus's search stops within its epsilon_tolerance (0.01) below the target
+    assert 3.0 - 0.01 <= acct.get_epsilon(delta=1e-5) <= 3.0
