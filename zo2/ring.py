@@ -4,15 +4,19 @@ Each block's parameters live in one flat host buffer (pinned on CUDA machines, a
 upload or an offload is a single copy. The device holds ``slots`` preallocated flat buffers; a
 resident block's parameters are views into its slot. On CUDA, uploads run on their own stream, offloads
 on another, and the compute stream waits on CUDA events only: the host never synchronises in the steady
-state. On CPU the same schedule runs with synchronous copies.
+state. On CPU the same schedule runs with synchronous copies, or on worker threads with real events
+(:mod:`zo2.copy_executor`, for the stream-ordering tests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from zo2.copy_executor import AsyncCopyExecutor, HostEvent
 
 ALIGN = 256  # bytes: every tensor of a flat buffer starts on a 256-byte boundary
 
@@ -78,11 +82,26 @@ class BlockStore:
             self.wire_flat = host_buffer(self.wire_layout.nbytes, pin)
             self.wire = self.wire_layout.views(self.wire_flat)
 
+        self.casts = 0  # low-precision casts of the master made so far (AMP)
+        self._wire_key: int | None = None  # the master's version the wire copy was cast from
+
+    def invalidate_wire(self) -> None:
+        """The master changed behind the version counter (the C++ update writes through a pointer)."""
+        self._wire_key = None
+
     def fill_wire(self) -> None:
-        """Under AMP: the low-precision copy of the master, ready to be uploaded."""
-        if self.wire_flat is not self.master_flat:
-            for w, m in zip(self.wire, self.master, strict=True):
-                w.copy_(m)
+        """Under AMP: the low-precision copy of the master, ready to be uploaded. Cached: cast again only
+        when the master changed since the last cast (:meth:`invalidate_wire`, or any in-place torch
+        write to it, which bumps its version counter)."""
+        if self.wire_flat is self.master_flat:
+            return
+        key = self.master_flat._version
+        if self._wire_key == key:
+            return
+        for w, m in zip(self.wire, self.master, strict=True):
+            w.copy_(m)
+        self.casts += 1
+        self._wire_key = key
 
     def attach(self, tensors: list[torch.Tensor]) -> None:
         """Point the block's parameters at ``tensors`` (device views while resident, master otherwise)."""
@@ -93,59 +112,116 @@ class BlockStore:
 class Ring:
     """``slots`` preallocated device buffers and the copies in and out of them.
 
-    The caller assigns slots round-robin; :meth:`upload` into a slot is ordered after the previous
-    occupant's :meth:`release` (by stream order on CPU, by a CUDA event on the GPU).
+    The caller assigns slots round-robin. Ordering, the same on every backend:
+
+    - an upload into a slot waits for the slot's previous offload (:meth:`release`) and for ``after``
+      (the offload that last wrote its source);
+    - the compute waits for a slot's upload (:meth:`wait_uploaded`) before using it;
+    - an offload waits for the compute issued so far.
+
+    On CUDA the copies run on an upload and an offload stream ordered by CUDA events. On the CPU they
+    are synchronous unless ``executor`` (an :class:`~zo2.copy_executor.AsyncCopyExecutor`) runs them
+    on worker threads, ordered by :class:`~zo2.copy_executor.HostEvent` s. ``before_copy(kind, slot)``
+    (see :mod:`zo2.copy_executor`) runs before each copy, on the copy's stream: the delay hook of the
+    stream-ordering tests.
     """
 
-    def __init__(self, device: torch.device, slots: int, slot_bytes: int) -> None:
+    def __init__(self, device: torch.device, slots: int, slot_bytes: int,
+                 executor: AsyncCopyExecutor | None = None) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        if executor is not None and self.cuda:
+            raise ValueError("zo2 Ring: a CPU copy executor was given for a CUDA ring; CUDA copies run on "
+                             "CUDA streams, pass executor=None")
+        self.executor = executor
+        self.before_copy: Callable[[str, int], None] | None = None
         self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
         if self.cuda:
             self.upload_stream = torch.cuda.Stream(device)
             self.offload_stream = torch.cuda.Stream(device)
-            self._uploaded = [torch.cuda.Event() for _ in range(slots)]
-            self._freed: list[torch.cuda.Event | None] = [None] * slots
+            self._uploaded: list = [torch.cuda.Event() for _ in range(slots)]
+        else:
+            self._uploaded = [HostEvent(done=True) for _ in range(slots)]
+        self._freed: list = [None] * slots
 
     @property
     def slots(self) -> int:
         return len(self.buffers)
 
-    def upload(self, slot: int, source: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
-        """Copy the flat host buffer ``source`` into ``slot`` (asynchronously on CUDA), after the slot's
-        previous occupant has left it and after ``after`` (the offload that last wrote ``source``)."""
+    def set_executor(self, executor: AsyncCopyExecutor | None) -> None:
+        """Switch the CPU ring to ``executor`` (None: synchronous copies) after the copies in flight."""
+        if self.cuda:
+            raise ValueError("zo2 Ring: CUDA copies run on CUDA streams; a CPU executor cannot be set")
+        self.synchronize()
+        self.executor = executor
+
+    def _delay(self, kind: str, slot: int) -> None:
+        if self.before_copy is not None:
+            self.before_copy(kind, slot)
+
+    def upload(self, slot: int, source: torch.Tensor, after=None) -> None:
+        """Copy the flat host buffer ``source`` into ``slot`` (asynchronously on CUDA or with an executor),
+        after the slot's previous occupant has left it and after ``after`` (the offload that last wrote
+        ``source``: a CUDA event, a HostEvent, or None)."""
         n = source.numel()
-        if not self.cuda:
-            self.buffers[slot][:n].copy_(source)
+        dest = self.buffers[slot][:n]
+        waits = [e for e in (self._freed[slot], after) if e is not None]
+        if self.cuda:
+            with torch.cuda.stream(self.upload_stream):
+                for event in waits:
+                    self.upload_stream.wait_event(event)
+                self._delay("upload", slot)
+                dest.copy_(source, non_blocking=True)
+                self._uploaded[slot].record(self.upload_stream)
             return
-        with torch.cuda.stream(self.upload_stream):
-            if self._freed[slot] is not None:
-                self.upload_stream.wait_event(self._freed[slot])
-            if after is not None:
-                self.upload_stream.wait_event(after)
-            self.buffers[slot][:n].copy_(source, non_blocking=True)
-            self._uploaded[slot].record(self.upload_stream)
+        if self.executor is None:
+            self._delay("upload", slot)
+            dest.copy_(source)
+            return
+
+        def copy() -> None:
+            self._delay("upload", slot)
+            dest.copy_(source)
+
+        self._uploaded[slot] = self.executor.upload.submit(waits, copy)
 
     def wait_uploaded(self, slot: int) -> None:
-        """Order the current (compute) stream after the upload into ``slot``."""
+        """Order the current (compute) stream after the upload into ``slot`` (on the CPU: block the
+        computing thread until the copy has run)."""
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self._uploaded[slot])
+        else:
+            self._uploaded[slot].wait()
 
-    def release(self, slot: int, destination: torch.Tensor | None) -> torch.cuda.Event | None:
+    def release(self, slot: int, destination: torch.Tensor | None):
         """Free ``slot`` after the compute issued so far; copy it back into ``destination`` first if given.
-        Returns the CUDA event that marks the end of that copy (None on CPU)."""
-        if not self.cuda:
+        Returns the event that marks the end of that copy (None with synchronous CPU copies)."""
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.offload_stream):
+                self.offload_stream.wait_event(done)
+                self._delay("offload", slot)
+                if destination is not None:
+                    destination.copy_(self.buffers[slot][:destination.numel()], non_blocking=True)
+                freed = torch.cuda.Event()
+                freed.record(self.offload_stream)
+            self._freed[slot] = freed
+            return freed
+        if self.executor is None:
+            self._delay("offload", slot)
             if destination is not None:
                 destination.copy_(self.buffers[slot][:destination.numel()])
             return None
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.offload_stream):
-            self.offload_stream.wait_event(done)
+        source = self.buffers[slot]
+
+        def copy() -> None:
+            self._delay("offload", slot)
             if destination is not None:
-                destination.copy_(self.buffers[slot][:destination.numel()], non_blocking=True)
-            freed = torch.cuda.Event()
-            freed.record(self.offload_stream)
+                destination.copy_(source[:destination.numel()])
+
+        # CPU compute is synchronous in the threads that issue it: what was issued so far has run
+        freed = self.executor.offload.submit([HostEvent(done=True)], copy)
         self._freed[slot] = freed
         return freed
 
@@ -153,3 +229,5 @@ class Ring:
         """Wait for every copy in flight (before the host reads or writes the host store)."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        elif self.executor is not None:
+            self.executor.synchronize()

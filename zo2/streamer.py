@@ -46,7 +46,7 @@ class BlockStreamer:
         self.free_slots: deque[int] = deque(range(self.ring.slots))
         self.resident_slot: dict[int, int] = {}  # block -> slot, while resident
         self.next_upload = 0
-        self._offloaded: dict[int, torch.cuda.Event] = {}  # CUDA: the copy back into each block's host store
+        self._offloaded: dict = {}  # the event ending the copy back into each block's host store (async copies)
         self.host_pool = ThreadPoolExecutor(1, thread_name_prefix="zo2-host") if (
             host_thread and prepare is not None) else None
         self._prepared: dict[int, Future] = {}
@@ -148,6 +148,7 @@ class BlockStreamer:
             else:
                 t0 = time.perf_counter()
                 self._transfer_all(after=None)
+                self.ring.synchronize()
                 times.append(time.perf_counter() - t0)
         self.synchronize()
         return statistics.median(times)
@@ -165,3 +166,7 @@ class BlockStreamer:
     def close(self) -> None:
         if self.host_pool is not None:
             self.host_pool.shutdown()
+        executor = self.ring.executor
+        if executor is not None:
+            self.ring.set_executor(None)
+            executor.close()
