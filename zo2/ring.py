@@ -1,15 +1,19 @@
 """Host storage of offloaded blocks and the ring of device block buffers they stream through.
 
-Each block's parameters live in one flat host buffer (pinned on CUDA machines, allocated once), so an
-upload or an offload is a single copy. The device holds ``slots`` preallocated flat buffers; a
-resident block's parameters are views into its slot. On CUDA, uploads run on their own stream, offloads
-on another, and the compute stream waits on CUDA events only: the host never synchronises in the steady
-state. On CPU the same schedule runs with synchronous copies, or on worker threads with real events
-(:mod:`zo2.copy_executor`, for the stream-ordering tests).
+Each block's parameters live in one flat host buffer (allocated once), so an upload or an offload is
+a single copy. On CUDA machines what crosses the bus is pinned at its exact size, page-rounded (not
+through the caching host allocator's powers of two): the master natively, only the low-precision wire
+copy under AMP (:func:`host_buffer`, :func:`store_allocations`). The device holds ``slots``
+preallocated flat buffers; a resident block's parameters are views into its slot. On CUDA, uploads
+run on their own stream, offloads on another, and the compute stream waits on CUDA events only: the
+host never synchronises in the steady state. On CPU the same schedule runs with synchronous copies,
+or on worker threads with real events (:mod:`zo2.copy_executor`, for the stream-ordering tests).
 """
 
 from __future__ import annotations
 
+import mmap
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,19 +61,78 @@ def wire_layout(params: list[torch.Tensor], amp_dtype: torch.dtype | None) -> Fl
     return FlatLayout.of(params, dtypes)
 
 
+PAGE = mmap.PAGESIZE
+
+
+def pinned_nbytes(nbytes: int) -> int:
+    """Host bytes a pinned buffer of ``nbytes`` takes: whole pages (page-aligned, registered as a unit)."""
+    return (nbytes + PAGE - 1) // PAGE * PAGE
+
+
+def _register(ptr: int, nbytes: int) -> None:
+    """Page-lock ``nbytes`` at ``ptr`` for the GPU (cudaHostRegister)."""
+    err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"zo2.offload: cudaHostRegister of {nbytes} bytes failed (cudaError {int(err)}); the "
+                           "host may limit locked memory (ulimit -l) or lack the memory: use amp=None, fewer "
+                           "blocks, or free host memory")
+
+
+def _unregister(ptr: int) -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """A flat uint8 host buffer, page-locked when ``pin`` (so that copies to the GPU are asynchronous)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    """A flat uint8 host buffer of exactly ``nbytes``; page-locked when ``pin`` (so that copies to the GPU
+    are asynchronous).
+
+    Pinned buffers do not come from ``torch.empty(pin_memory=True)``: the caching host allocator rounds
+    them up to a power of two (a 810 MB block would take 1 GiB). They are an anonymous page-aligned
+    mapping of :func:`pinned_nbytes` bytes registered with cudaHostRegister, unregistered when the
+    buffer is freed. Pageable buffers are plain ``torch.empty``.
+    """
+    if not pin or nbytes == 0:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    size = pinned_nbytes(nbytes)
+    mapping = mmap.mmap(-1, size)  # page-aligned; the tensor keeps the mapping alive
+    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=size)
+    ptr = flat.data_ptr()
+    _register(ptr, size)
+    weakref.finalize(mapping, _unregister, ptr)  # runs when the last view of the memory is gone
+    return flat[:nbytes]
+
+
+@dataclass(frozen=True)
+class HostAllocation:
+    """One host buffer of a block store: its role, the bytes allocated for it, and whether it is pinned."""
+
+    name: str
+    nbytes: int
+    pinned: bool
+
+
+def store_allocations(master_bytes: int, wire_bytes: int | None, pin: bool) -> list[HostAllocation]:
+    """The host buffers of a block store, as :class:`BlockStore` allocates them and the plan counts them.
+
+    Only what crosses the bus is pinned: natively the master itself; under AMP (``wire_bytes`` given)
+    the low-precision wire copy, while the fp32 master, which the host alone reads and writes, stays
+    pageable."""
+    if wire_bytes is None:
+        return [HostAllocation("master", pinned_nbytes(master_bytes) if pin else master_bytes, pin)]
+    return [HostAllocation("master", master_bytes, False),
+            HostAllocation("wire", pinned_nbytes(wire_bytes) if pin else wire_bytes, pin)]
 
 
 class BlockStore:
     """A block's host storage: ``master`` (its parameters in their own dtype; the fp32 master under
-    AMP) and ``wire`` (what crosses the bus: the master itself, or a low-precision copy under AMP)."""
+    AMP) and ``wire`` (what crosses the bus: the master itself, or a low-precision copy under AMP).
+    ``allocations`` lists the host buffers as allocated (see :func:`store_allocations`)."""
 
     def __init__(self, block: nn.Module, amp_dtype: torch.dtype | None, pin: bool) -> None:
         self.params: list[nn.Parameter] = list(block.parameters())  # each tensor once, tied or not
         self.master_layout = FlatLayout.of(self.params, [p.dtype for p in self.params])
-        self.master_flat = host_buffer(self.master_layout.nbytes, pin)
+        self.master_flat = host_buffer(self.master_layout.nbytes, pin and amp_dtype is None)
         self.master = self.master_layout.views(self.master_flat)
         with torch.no_grad():
             for view, p in zip(self.master, self.params, strict=True):
@@ -81,7 +144,8 @@ class BlockStore:
             self.wire_layout = wire_layout(self.params, amp_dtype)
             self.wire_flat = host_buffer(self.wire_layout.nbytes, pin)
             self.wire = self.wire_layout.views(self.wire_flat)
-
+        self.allocations = store_allocations(self.master_layout.nbytes,
+                                             None if amp_dtype is None else self.wire_layout.nbytes, pin)
         self.casts = 0  # low-precision casts of the master made so far (AMP)
         self._wire_key: int | None = None  # the master's version the wire copy was cast from
 
