@@ -18,6 +18,7 @@ The engine calls the same methods on either; every pass is a transition of :mod:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -134,11 +135,21 @@ class HostMasterPrecision(NativePrecision):
     def prepare(self, b: int) -> None:
         """Apply block b's pending update to its host master and fill its low-precision wire copy (runs
         on a host thread ahead of the uploads on CUDA machines: the C++ kernel releases the GIL)."""
+        store = self.stores[b]
         if not self.block_state[b].clean:
-            self.block_state[b] = move(self.block_targets(b, master=True), self.block_state[b], None, {})
-            self.stores[b].invalidate_wire()
+            targets = self.block_targets(b, master=True)
+            if store.wire_current():
+                # the wire copy is the master before this update: update the trained tensors and refresh
+                # their wire copies in one fused pass (the others' copies stay current)
+                wire = {id(m): w for m, w in zip(store.master, store.wire, strict=True)}
+                targets = [dataclasses.replace(t, cast=wire[id(t.tensor)]) for t in targets]
+                self.block_state[b] = move(targets, self.block_state[b], None, {})
+                store.mark_wire_current()
+            else:
+                self.block_state[b] = move(targets, self.block_state[b], None, {})
+                store.invalidate_wire()
             self.log("prepare", b)
-        self.stores[b].fill_wire()
+        store.fill_wire()
 
     def flush_block(self, b: int) -> None:
         if not self.block_state[b].clean:

@@ -149,6 +149,15 @@ class BlockStore:
         self.casts = 0  # low-precision casts of the master made so far (AMP)
         self._wire_key: int | None = None  # the master's version the wire copy was cast from
 
+    def wire_current(self) -> bool:
+        """Whether the wire copy is the master's current value, cast (AMP)."""
+        return self._wire_key is not None and self._wire_key == self.master_flat._version
+
+    def mark_wire_current(self) -> None:
+        """The wire copy was refreshed with the master (the fused update-and-cast pass)."""
+        self._wire_key = self.master_flat._version
+        self.casts += 1
+
     def invalidate_wire(self) -> None:
         """The master changed behind the version counter (the C++ update writes through a pointer)."""
         self._wire_key = None
