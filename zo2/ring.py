@@ -99,7 +99,8 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     flat = torch.frombuffer(mapping, dtype=torch.uint8, count=size)
     ptr = flat.data_ptr()
     _register(ptr, size)
-    weakref.finalize(mapping, _unregister, ptr)  # runs when the last view of the memory is gone
+    # unregistered when the last view of the memory is gone; not at exit, where the process frees it anyway
+    weakref.finalize(mapping, _unregister, ptr).atexit = False
     return flat[:nbytes]
 
 

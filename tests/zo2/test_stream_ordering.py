@@ -8,6 +8,7 @@ makes the schedule's arithmetic identical), and plain ZOSGD within the tolerance
 (native: loss within 2 ulp-scale 2e-6, parameters 1e-5; AMP: bf16 tolerances of test_offload_amp)."""
 
 import copy
+import time
 
 import pytest
 import torch
@@ -85,7 +86,7 @@ def test_async_ring_waits_on_real_events():
     executor = AsyncCopyExecutor()
     ring = Ring(torch.device("cpu"), 1, 8, executor=executor)
     ring.buffers[0].zero_()
-    ring.before_copy = lambda kind, slot: __import__("time").sleep(0.05)
+    ring.before_copy = lambda kind, slot: time.sleep(0.05)
     ring.upload(0, torch.full((8,), 7, dtype=torch.uint8))
     assert ring.buffers[0].sum() == 0  # still in flight after the call: the copy is asynchronous
     ring.wait_uploaded(0)
