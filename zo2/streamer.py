@@ -9,7 +9,9 @@ the blocks the same way, with the same prefetch, from the flushed host stores
 copies, cast again only after the master changed. Host-side preparation of a block before its
 upload (the AMP master update and low-precision cast) runs on a host thread ahead of the uploads when
 ``host_thread`` is set (CUDA machines), inline otherwise. The copies themselves are
-:class:`~zo2.ring.Ring`'s: CUDA streams and events on a GPU, synchronous copies on the CPU.
+:class:`~zo2.ring.Ring`'s: CUDA streams and events on a GPU, synchronous copies on the CPU, or the
+asynchronous CPU copy streams of :mod:`zo2.copy_executor` (stream-ordering tests; the delay hook is
+``streamer.ring.before_copy``).
 """
 
 from __future__ import annotations
