@@ -255,9 +255,12 @@ class OffloadEngine:
 
     def flush(self) -> None:
         """Apply the pending restore and update: every parameter holds its trained value afterwards (and
-        blocks left resident by an evaluation forward that raised go home)."""
+        blocks left resident by an evaluation forward that raised go home). Between steps it also waits
+        for the copies in flight: the caller may write the host stores next (``load_state_dict``), and
+        an evaluation forward's uploads from them may still be running on the GPU."""
         if not self.in_step:
             self.streamer.end_observation()
+            self.streamer.synchronize()
         self._apply_pending()
 
     def _apply_pending(self) -> None:
