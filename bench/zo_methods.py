@@ -112,7 +112,8 @@ def amp_mode(device: str) -> str:
 
 def plan_fields(plan) -> dict:
     """The offload engine's plan as a JSON-able dict (its int fields and its printed form)."""
-    names = ("resident_bytes", "ring_bytes", "host_bytes", "num_blocks", "ring_slots", "block_bytes")
+    names = ("resident_bytes", "ring_bytes", "host_bytes", "pinned_host_bytes", "pageable_host_bytes", "num_blocks",
+             "ring_slots", "block_bytes")
     return {**{n: getattr(plan, n) for n in names}, "text": str(plan)}
 
 

@@ -173,10 +173,12 @@ inline void store(c10::BFloat16* p, int64_t i, float v) {
   std::memcpy(p + i, &bits, 2);
 }
 
-// p[l] <- p[l] + (acc + c p[l]) over the fused terms, or out[l] <- z when `fill` (p is not read).
-template <typename scalar_t>
+// p[l] <- p[l] + (acc + c p[l]) over the fused terms, or out[l] <- z when `fill` (p is not read). With `cast`
+// (AMP's host pass) the new value is also stored, rounded to nearest even, into cast[l] in the same sweep: the
+// master update and its low-precision wire copy in one read and two writes.
+template <typename scalar_t, typename cast_t = scalar_t>
 void fused_pass(scalar_t* p, int64_t numel, int64_t offset, uint64_t stream, const std::vector<Term>& terms,
-                double c, int dist, bool fill) {
+                double c, int dist, bool fill, cast_t* cast = nullptr) {
   if (numel == 0) {
     return;
   }
@@ -213,6 +215,15 @@ void fused_pass(scalar_t* p, int64_t numel, int64_t offset, uint64_t stream, con
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
           store(q, i, static_cast<acc_t>(a[i]));
+        }
+      } else if (cast != nullptr) {
+        cast_t* w = cast + (lo - offset);
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t v = load(q, i);
+          const acc_t next = v + (static_cast<acc_t>(a[i]) + cc * v);
+          store(q, i, next);
+          store(w, i, next);
         }
       } else {
 #pragma omp simd
@@ -275,6 +286,33 @@ at::Tensor zo_axpbz_(at::Tensor p, const std::vector<int64_t>& seeds, const std:
   return p;
 }
 
+at::Tensor zo_axpbz_cast_(at::Tensor p, at::Tensor out, const std::vector<int64_t>& seeds,
+                          const std::vector<double>& coefs, int64_t stream, double c, int64_t dist, int64_t offset) {
+  check_target(p, "zo_axpbz_cast_");
+  TORCH_CHECK(p.scalar_type() == at::kFloat, "zo_axpbz_cast_: the master must be float32, got ", p.scalar_type());
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "zo_axpbz_cast_: out must be a contiguous CPU tensor");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf,
+              "zo_axpbz_cast_: out must be bfloat16 or float16, got ", out.scalar_type());
+  TORCH_CHECK(out.numel() == p.numel(), "zo_axpbz_cast_: out has ", out.numel(), " elements but p has ", p.numel());
+  TORCH_CHECK(seeds.size() == coefs.size(), "zo_axpbz_cast_: got ", seeds.size(), " seeds but ", coefs.size(),
+              " coefficients; pass one coefficient per seed");
+  TORCH_CHECK(offset >= 0, "zo_axpbz_cast_: offset must be >= 0, got ", offset);
+  const int d = check_dist(dist, "zo_axpbz_cast_");
+  std::vector<Term> terms;
+  for (size_t j = 0; j < seeds.size(); ++j) {
+    terms.push_back({static_cast<uint64_t>(seeds[j]), static_cast<float>(coefs[j])});
+  }
+  const int64_t n = p.numel();
+  float* ptr = p.data_ptr<float>();
+  const uint64_t s = static_cast<uint64_t>(stream);
+  if (out.scalar_type() == at::kBFloat16) {
+    fused_pass(ptr, n, offset, s, terms, c, d, false, out.data_ptr<c10::BFloat16>());
+  } else {
+    fused_pass(ptr, n, offset, s, terms, c, d, false, out.data_ptr<c10::Half>());
+  }
+  return p;
+}
+
 at::Tensor philox_fill_(at::Tensor out, int64_t seed, int64_t stream, int64_t dist, int64_t offset) {
   check_target(out, "philox_fill_");
   TORCH_CHECK(offset >= 0, "philox_fill_: offset must be >= 0, got ", offset);
@@ -294,6 +332,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offset"),
         // No Python object is touched inside: other threads (the offload engine's) run meanwhile.
         py::call_guard<py::gil_scoped_release>());
+  m.def("zo_axpbz_cast_", &zo_axpbz_cast_,
+        "zo_axpbz_ on a float32 p, and out <- p rounded to nearest even (bfloat16/float16) in the same pass",
+        py::arg("p"), py::arg("out"), py::arg("seeds"), py::arg("coefs"), py::arg("stream"), py::arg("c"),
+        py::arg("dist"), py::arg("offset"), py::call_guard<py::gil_scoped_release>());
   m.def("philox_fill_", &philox_fill_, "out <- z(seed, stream, offset + i), in place", py::arg("out"),
         py::arg("seed"), py::arg("stream"), py::arg("dist"), py::arg("offset"), py::call_guard<py::gil_scoped_release>());
 }

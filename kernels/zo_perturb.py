@@ -157,6 +157,17 @@ def _zo_perturb_torch(
         chunk.copy_(v + (acc.to(compute) + float(c) * v))
 
 
+def _check_cast(p: torch.Tensor, out: torch.Tensor) -> None:
+    if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous():
+        raise ValueError(f"zo_perturb_: out= needs a contiguous float32 CPU p (the AMP master), got {p.dtype} on "
+                         f"{p.device}")
+    if out.dtype not in (torch.bfloat16, torch.float16) or out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"zo_perturb_: out must be a contiguous bfloat16/float16 CPU tensor, got {out.dtype} on "
+                         f"{out.device}")
+    if out.numel() != p.numel():
+        raise ValueError(f"zo_perturb_: out has {out.numel()} elements but p has {p.numel()}; pass p's wire copy")
+
+
 def zo_perturb_(
     p: torch.Tensor,
     seeds: Sequence[int],
@@ -165,6 +176,7 @@ def zo_perturb_(
     c: float = 0.0,
     dist: str = "normal",
     offset: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``p <- p + Σ_j coefs[j] · z(seeds[j], stream, offset + i) + c · p`` in place; returns ``p``.
 
@@ -177,6 +189,9 @@ def zo_perturb_(
         c: multiple of ``p`` added to it (``-lr * weight_decay`` for decoupled decay).
         dist: "normal" or "rademacher".
         offset: index of ``p``'s first element in the stream (for slices of a larger parameter).
+        out: AMP's host pass: a bfloat16/float16 tensor of p's size (p: contiguous float32 on the CPU) that
+            receives the new p rounded to nearest even, in the same pass (one read of p, no second sweep);
+            the C++ kernel splits it over threads, the torch fallback casts after the update.
 
     Raises:
         TypeError / ValueError: on an unsupported dtype or device, a view with gaps, a seed/coefficient
@@ -189,6 +204,16 @@ def zo_perturb_(
         raise ValueError(f"zo_perturb_: got {len(seeds)} seeds but {len(coefs)} coefficients; pass one per seed")
     if offset < 0:
         raise ValueError(f"zo_perturb_: offset must be >= 0, got {offset}")
+    if out is not None:
+        _check_cast(p, out)
+        if cpp_available():
+            require_cpp().zo_axpbz_cast_(p, out, [as_int64(s) for s in seeds], [float(a) for a in coefs],
+                                         as_int64(stream), float(c), code, offset)
+        else:
+            warn_fallback_once("zo_perturb_")
+            _zo_perturb_torch(p, seeds, coefs, stream, c, code, offset)
+            out.copy_(p)
+        return p
     if p.device.type == "cuda":
         _zo_perturb_triton(p, seeds, coefs, stream, c, code, offset)
     elif cpp_available():

@@ -203,7 +203,7 @@ class OffloadEngine:
     def _before_block(self, b: int) -> None:
         half = self._current_half()
         if half is None:
-            self.flush()
+            self._apply_pending()
             self.streamer.observe(b)
             return
         self.scheduler.enter_block(b)
@@ -224,7 +224,7 @@ class OffloadEngine:
     def _before_resident(self, own: list[nn.Parameter]) -> None:
         half = self._current_half()
         if half is None:
-            self.flush()
+            self._apply_pending()
             return
         self.precision.enter_resident(own, self.record, self.record.half_target(half))
 
@@ -243,16 +243,27 @@ class OffloadEngine:
                 # A KV cache would keep every block's keys and values on the device for each half.
                 return args, {**kwargs, "use_cache": False}
             return None
-        self.flush()
+        self._apply_pending()
         self.precision.use_compute_copies()
+        self.streamer.begin_observation()
         return None
 
     def _after_model(self) -> None:
         if self._current_half() is None:
+            self.streamer.end_observation()
             self.precision.use_masters()
 
     def flush(self) -> None:
-        """Apply the pending restore and update: every parameter holds its trained value afterwards."""
+        """Apply the pending restore and update: every parameter holds its trained value afterwards (and
+        blocks left resident by an evaluation forward that raised go home). Between steps it also waits
+        for the copies in flight: the caller may write the host stores next (``load_state_dict``), and
+        an evaluation forward's uploads from them may still be running on the GPU."""
+        if not self.in_step:
+            self.streamer.end_observation()
+            self.streamer.synchronize()
+        self._apply_pending()
+
+    def _apply_pending(self) -> None:
         if not self.dirty:
             return
         if self.in_step:

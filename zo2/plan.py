@@ -15,8 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from memtrain.memory import available_host_bytes
 from zo2.blocks import check_block_ownership, find_blocks, tensors_bytes
-from zo2.ring import wire_layout
+from zo2.ring import store_allocations, wire_layout
+
+__all__ = ["AMP_DTYPES", "OffloadPlan", "available_host_bytes", "check_fits", "plan_offload"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,11 +41,17 @@ class OffloadPlan:
     ring_slots: int
     ring_bytes: int
     resident_bytes: int
-    host_bytes: int
+    pinned_host_bytes: int
+    pageable_host_bytes: int
     num_halves: int
     hidden_size: int | None = None
     vocab_size: int | None = None
     compute_itemsize: int = 4
+
+    @property
+    def host_bytes(self) -> int:
+        """The block stores' host memory: pinned (what crosses the bus, on CUDA) + pageable."""
+        return self.pinned_host_bytes + self.pageable_host_bytes
 
     @property
     def device_bytes(self) -> int:
@@ -66,7 +75,8 @@ class OffloadPlan:
             f"  ring on device         {_fmt(self.ring_bytes):>12}  "
             f"({self.ring_slots} slots x {_fmt(self.block_bytes)})",
             f"  host store             {_fmt(self.host_bytes):>12}  ({self.num_blocks} blocks"
-            + (", fp32 master + low-precision copy)" if self.amp else ")"),
+            + (", fp32 master + low-precision copy" if self.amp else "")
+            + f"; pinned {_fmt(self.pinned_host_bytes)}, pageable {_fmt(self.pageable_host_bytes)})",
         ]
         if self.hidden_size is not None:
             lines.append(f"  + activations, e.g. B=1 T=2048: {_fmt(self.activation_bytes(1, 2048))}")
@@ -85,7 +95,10 @@ def plan_offload(model: nn.Module, *, amp: str | None = None, prefetch: int = 1,
     Returns:
         The plan: ``resident_bytes`` (parameters outside the blocks in the compute dtype, AMP masters and
         every buffer), ``ring_bytes`` (``prefetch + 1`` slots of the largest block as it crosses the bus)
-        and ``host_bytes`` (each block's master, plus its low-precision wire copy under AMP).
+        and the block stores' host memory as allocated (:func:`zo2.ring.store_allocations`):
+        ``pinned_host_bytes`` (on CUDA, what crosses the bus, page-rounded: natively the master, under
+        AMP the low-precision wire copy) and ``pageable_host_bytes`` (the fp32 master under AMP;
+        everything on the CPU); ``host_bytes`` is their sum.
     """
     if amp not in (None, *AMP_DTYPES):
         raise ValueError(f"zo2.offload: amp must be None, 'bf16' or 'fp16', got {amp!r}")
@@ -102,28 +115,19 @@ def plan_offload(model: nn.Module, *, amp: str | None = None, prefetch: int = 1,
     if amp_dtype is not None:  # fp32 masters of the trainable resident parameters
         resident += sum(p.numel() * 4 for p in residents if id(p) in train)
     resident += tensors_bytes(list(model.buffers()))
-    host = sum(wire_layout(list(b.parameters()), None).nbytes for b in block_modules)
-    if amp_dtype is not None:
-        host += sum(block_bytes)
+    pin = torch.device(device).type == "cuda"
+    allocations = [a for b, wire in zip(block_modules, block_bytes, strict=True)
+                   for a in store_allocations(wire_layout(list(b.parameters()), None).nbytes,
+                                              wire if amp_dtype is not None else None, pin)]
     config = getattr(model, "config", None)
     slots = prefetch + 1
     return OffloadPlan(
         device=str(torch.device(device)), amp=amp, num_blocks=len(block_modules), block_bytes=max(block_bytes),
-        ring_slots=slots, ring_bytes=slots * max(block_bytes), resident_bytes=resident, host_bytes=host,
+        ring_slots=slots, ring_bytes=slots * max(block_bytes), resident_bytes=resident,
+        pinned_host_bytes=sum(a.nbytes for a in allocations if a.pinned),
+        pageable_host_bytes=sum(a.nbytes for a in allocations if not a.pinned),
         num_halves=2 * num_perturbations, hidden_size=getattr(config, "hidden_size", None),
         vocab_size=getattr(config, "vocab_size", None), compute_itemsize=wire_size or 4)
-
-
-def available_host_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def check_fits(plan: OffloadPlan, device: torch.device, extra_host_bytes: int) -> None:

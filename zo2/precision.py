@@ -18,6 +18,7 @@ The engine calls the same methods on either; every pass is a transition of :mod:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class ResidentParam:
     master: torch.Tensor | None = None  # AMP: the fp32 master on the device
     lowp: torch.Tensor | None = None  # AMP: the low-precision compute copy (allocated once)
     master_state: NoiseState | None = None  # AMP only
+    lowp_key: tuple[int, int] | None = None  # AMP: versions of (master, lowp) at the last cast
 
     def target(self, tensor: torch.Tensor) -> list[Target]:
         return [Target(tensor, self.stream, self.group)]
@@ -128,14 +130,31 @@ class HostMasterPrecision(NativePrecision):
         self.amp_dtype = amp_dtype
         self.device_state: dict[int, NoiseState] = {}  # of each resident block's device copy
         self.frozen: dict[int, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}  # param, fp32 on host, lowp
+        self.resident_casts = 0  # low-precision casts of trainable resident masters made so far
 
     def prepare(self, b: int) -> None:
         """Apply block b's pending update to its host master and fill its low-precision wire copy (runs
         on a host thread ahead of the uploads on CUDA machines: the C++ kernel releases the GIL)."""
+        store = self.stores[b]
         if not self.block_state[b].clean:
-            self.block_state[b] = move(self.block_targets(b, master=True), self.block_state[b], None, {})
+            targets = self.block_targets(b, master=True)
+            if store.wire_current():
+                # the wire copy is the master before this update: update the trained tensors and refresh
+                # their wire copies in one fused pass (the others' copies stay current)
+                wire = {id(m): w for m, w in zip(store.master, store.wire, strict=True)}
+                targets = [dataclasses.replace(t, cast=wire[id(t.tensor)]) for t in targets]
+                self.block_state[b] = move(targets, self.block_state[b], None, {})
+                store.mark_wire_current()
+            else:
+                self.block_state[b] = move(targets, self.block_state[b], None, {})
+                store.invalidate_wire()
             self.log("prepare", b)
-        self.stores[b].fill_wire()
+        store.fill_wire()
+
+    def flush_block(self, b: int) -> None:
+        if not self.block_state[b].clean:
+            super().flush_block(b)
+            self.stores[b].invalidate_wire()
 
     def enter_block(self, b: int, record: StepRecord, target: dict[int, float]) -> None:
         # a freshly uploaded device copy is the clean master in low precision
@@ -162,17 +181,24 @@ class HostMasterPrecision(NativePrecision):
         for r in self.residents.values():
             r.master_state = move(r.target(r.master), r.master_state, None, {})
             r.master_state = NoiseState(record, {})  # this step's update is due on the master
+            r.lowp_key = None  # the kernels write through pointers: no version bump to rely on
         self.use_compute_copies()
 
     def flush_residents(self) -> None:
         for r in self.residents.values():
             r.master_state = move(r.target(r.master), r.master_state, None, {})
             r.state = NoiseState()
+            r.lowp_key = None  # the step perturbed the low-precision copy in place
 
     def use_compute_copies(self) -> None:
-        """Trainable residents: a low-precision copy of the clean fp32 master; frozen: their copy."""
+        """Trainable residents: a low-precision copy of the clean fp32 master (cast again only when the
+        master or the copy changed since the last cast); frozen: their copy."""
         for r in self.residents.values():
-            r.lowp.copy_(r.master)
+            key = (r.master._version, r.lowp._version)
+            if r.lowp_key != key:
+                r.lowp.copy_(r.master)
+                self.resident_casts += 1
+                r.lowp_key = (r.master._version, r.lowp._version)
             r.param.data = r.lowp
             r.state = NoiseState()
         for p, _, lowp in self.frozen.values():

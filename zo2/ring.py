@@ -1,18 +1,26 @@
 """Host storage of offloaded blocks and the ring of device block buffers they stream through.
 
-Each block's parameters live in one flat host buffer (pinned on CUDA machines, allocated once), so an
-upload or an offload is a single copy. The device holds ``slots`` preallocated flat buffers; a
-resident block's parameters are views into its slot. On CUDA, uploads run on their own stream, offloads
-on another, and the compute stream waits on CUDA events only: the host never synchronises in the steady
-state. On CPU the same schedule runs with synchronous copies.
+Each block's parameters live in one flat host buffer (allocated once), so an upload or an offload is
+a single copy. On CUDA machines what crosses the bus is pinned at its exact size, page-rounded (not
+through the caching host allocator's powers of two): the master natively, only the low-precision wire
+copy under AMP (:func:`host_buffer`, :func:`store_allocations`). The device holds ``slots``
+preallocated flat buffers; a resident block's parameters are views into its slot. On CUDA, uploads
+run on their own stream, offloads on another, and the compute stream waits on CUDA events only: the
+host never synchronises in the steady state. On CPU the same schedule runs with synchronous copies,
+or on worker threads with real events (:mod:`zo2.copy_executor`, for the stream-ordering tests).
 """
 
 from __future__ import annotations
 
+import mmap
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from zo2.copy_executor import AsyncCopyExecutor, HostEvent
 
 ALIGN = 256  # bytes: every tensor of a flat buffer starts on a 256-byte boundary
 
@@ -53,19 +61,79 @@ def wire_layout(params: list[torch.Tensor], amp_dtype: torch.dtype | None) -> Fl
     return FlatLayout.of(params, dtypes)
 
 
+PAGE = mmap.PAGESIZE
+
+
+def pinned_nbytes(nbytes: int) -> int:
+    """Host bytes a pinned buffer of ``nbytes`` takes: whole pages (page-aligned, registered as a unit)."""
+    return (nbytes + PAGE - 1) // PAGE * PAGE
+
+
+def _register(ptr: int, nbytes: int) -> None:
+    """Page-lock ``nbytes`` at ``ptr`` for the GPU (cudaHostRegister)."""
+    err = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"zo2.offload: cudaHostRegister of {nbytes} bytes failed (cudaError {int(err)}); the "
+                           "host may limit locked memory (ulimit -l) or lack the memory: use amp=None, fewer "
+                           "blocks, or free host memory")
+
+
+def _unregister(ptr: int) -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """A flat uint8 host buffer, page-locked when ``pin`` (so that copies to the GPU are asynchronous)."""
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    """A flat uint8 host buffer of exactly ``nbytes``; page-locked when ``pin`` (so that copies to the GPU
+    are asynchronous).
+
+    Pinned buffers do not come from ``torch.empty(pin_memory=True)``: the caching host allocator rounds
+    them up to a power of two (a 810 MB block would take 1 GiB). They are an anonymous page-aligned
+    mapping of :func:`pinned_nbytes` bytes registered with cudaHostRegister, unregistered when the
+    buffer is freed. Pageable buffers are plain ``torch.empty``.
+    """
+    if not pin or nbytes == 0:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    size = pinned_nbytes(nbytes)
+    mapping = mmap.mmap(-1, size)  # page-aligned; the tensor keeps the mapping alive
+    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=size)
+    ptr = flat.data_ptr()
+    _register(ptr, size)
+    # unregistered when the last view of the memory is gone; not at exit, where the process frees it anyway
+    weakref.finalize(mapping, _unregister, ptr).atexit = False
+    return flat[:nbytes]
+
+
+@dataclass(frozen=True)
+class HostAllocation:
+    """One host buffer of a block store: its role, the bytes allocated for it, and whether it is pinned."""
+
+    name: str
+    nbytes: int
+    pinned: bool
+
+
+def store_allocations(master_bytes: int, wire_bytes: int | None, pin: bool) -> list[HostAllocation]:
+    """The host buffers of a block store, as :class:`BlockStore` allocates them and the plan counts them.
+
+    Only what crosses the bus is pinned: natively the master itself; under AMP (``wire_bytes`` given)
+    the low-precision wire copy, while the fp32 master, which the host alone reads and writes, stays
+    pageable."""
+    if wire_bytes is None:
+        return [HostAllocation("master", pinned_nbytes(master_bytes) if pin else master_bytes, pin)]
+    return [HostAllocation("master", master_bytes, False),
+            HostAllocation("wire", pinned_nbytes(wire_bytes) if pin else wire_bytes, pin)]
 
 
 class BlockStore:
     """A block's host storage: ``master`` (its parameters in their own dtype; the fp32 master under
-    AMP) and ``wire`` (what crosses the bus: the master itself, or a low-precision copy under AMP)."""
+    AMP) and ``wire`` (what crosses the bus: the master itself, or a low-precision copy under AMP).
+    ``allocations`` lists the host buffers as allocated (see :func:`store_allocations`)."""
 
     def __init__(self, block: nn.Module, amp_dtype: torch.dtype | None, pin: bool) -> None:
         self.params: list[nn.Parameter] = list(block.parameters())  # each tensor once, tied or not
         self.master_layout = FlatLayout.of(self.params, [p.dtype for p in self.params])
-        self.master_flat = host_buffer(self.master_layout.nbytes, pin)
+        self.master_flat = host_buffer(self.master_layout.nbytes, pin and amp_dtype is None)
         self.master = self.master_layout.views(self.master_flat)
         with torch.no_grad():
             for view, p in zip(self.master, self.params, strict=True):
@@ -77,12 +145,37 @@ class BlockStore:
             self.wire_layout = wire_layout(self.params, amp_dtype)
             self.wire_flat = host_buffer(self.wire_layout.nbytes, pin)
             self.wire = self.wire_layout.views(self.wire_flat)
+        self.allocations = store_allocations(self.master_layout.nbytes,
+                                             None if amp_dtype is None else self.wire_layout.nbytes, pin)
+        self.casts = 0  # low-precision casts of the master made so far (AMP)
+        self._wire_key: int | None = None  # the master's version the wire copy was cast from
+
+    def wire_current(self) -> bool:
+        """Whether the wire copy is the master's current value, cast (AMP)."""
+        return self._wire_key is not None and self._wire_key == self.master_flat._version
+
+    def mark_wire_current(self) -> None:
+        """The wire copy was refreshed with the master (the fused update-and-cast pass)."""
+        self._wire_key = self.master_flat._version
+        self.casts += 1
+
+    def invalidate_wire(self) -> None:
+        """The master changed behind the version counter (the C++ update writes through a pointer)."""
+        self._wire_key = None
 
     def fill_wire(self) -> None:
-        """Under AMP: the low-precision copy of the master, ready to be uploaded."""
-        if self.wire_flat is not self.master_flat:
-            for w, m in zip(self.wire, self.master, strict=True):
-                w.copy_(m)
+        """Under AMP: the low-precision copy of the master, ready to be uploaded. Cached: cast again only
+        when the master changed since the last cast (:meth:`invalidate_wire`, or any in-place torch
+        write to it, which bumps its version counter)."""
+        if self.wire_flat is self.master_flat:
+            return
+        key = self.master_flat._version
+        if self._wire_key == key:
+            return
+        for w, m in zip(self.wire, self.master, strict=True):
+            w.copy_(m)
+        self.casts += 1
+        self._wire_key = key
 
     def attach(self, tensors: list[torch.Tensor]) -> None:
         """Point the block's parameters at ``tensors`` (device views while resident, master otherwise)."""
@@ -93,59 +186,116 @@ class BlockStore:
 class Ring:
     """``slots`` preallocated device buffers and the copies in and out of them.
 
-    The caller assigns slots round-robin; :meth:`upload` into a slot is ordered after the previous
-    occupant's :meth:`release` (by stream order on CPU, by a CUDA event on the GPU).
+    The caller assigns slots round-robin. Ordering, the same on every backend:
+
+    - an upload into a slot waits for the slot's previous offload (:meth:`release`) and for ``after``
+      (the offload that last wrote its source);
+    - the compute waits for a slot's upload (:meth:`wait_uploaded`) before using it;
+    - an offload waits for the compute issued so far.
+
+    On CUDA the copies run on an upload and an offload stream ordered by CUDA events. On the CPU they
+    are synchronous unless ``executor`` (an :class:`~zo2.copy_executor.AsyncCopyExecutor`) runs them
+    on worker threads, ordered by :class:`~zo2.copy_executor.HostEvent` s. ``before_copy(kind, slot)``
+    (see :mod:`zo2.copy_executor`) runs before each copy, on the copy's stream: the delay hook of the
+    stream-ordering tests.
     """
 
-    def __init__(self, device: torch.device, slots: int, slot_bytes: int) -> None:
+    def __init__(self, device: torch.device, slots: int, slot_bytes: int,
+                 executor: AsyncCopyExecutor | None = None) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        if executor is not None and self.cuda:
+            raise ValueError("zo2 Ring: a CPU copy executor was given for a CUDA ring; CUDA copies run on "
+                             "CUDA streams, pass executor=None")
+        self.executor = executor
+        self.before_copy: Callable[[str, int], None] | None = None
         self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
         if self.cuda:
             self.upload_stream = torch.cuda.Stream(device)
             self.offload_stream = torch.cuda.Stream(device)
-            self._uploaded = [torch.cuda.Event() for _ in range(slots)]
-            self._freed: list[torch.cuda.Event | None] = [None] * slots
+            self._uploaded: list = [torch.cuda.Event() for _ in range(slots)]
+        else:
+            self._uploaded = [HostEvent(done=True) for _ in range(slots)]
+        self._freed: list = [None] * slots
 
     @property
     def slots(self) -> int:
         return len(self.buffers)
 
-    def upload(self, slot: int, source: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
-        """Copy the flat host buffer ``source`` into ``slot`` (asynchronously on CUDA), after the slot's
-        previous occupant has left it and after ``after`` (the offload that last wrote ``source``)."""
+    def set_executor(self, executor: AsyncCopyExecutor | None) -> None:
+        """Switch the CPU ring to ``executor`` (None: synchronous copies) after the copies in flight."""
+        if self.cuda:
+            raise ValueError("zo2 Ring: CUDA copies run on CUDA streams; a CPU executor cannot be set")
+        self.synchronize()
+        self.executor = executor
+
+    def _delay(self, kind: str, slot: int) -> None:
+        if self.before_copy is not None:
+            self.before_copy(kind, slot)
+
+    def upload(self, slot: int, source: torch.Tensor, after=None) -> None:
+        """Copy the flat host buffer ``source`` into ``slot`` (asynchronously on CUDA or with an executor),
+        after the slot's previous occupant has left it and after ``after`` (the offload that last wrote
+        ``source``: a CUDA event, a HostEvent, or None)."""
         n = source.numel()
-        if not self.cuda:
-            self.buffers[slot][:n].copy_(source)
+        dest = self.buffers[slot][:n]
+        waits = [e for e in (self._freed[slot], after) if e is not None]
+        if self.cuda:
+            with torch.cuda.stream(self.upload_stream):
+                for event in waits:
+                    self.upload_stream.wait_event(event)
+                self._delay("upload", slot)
+                dest.copy_(source, non_blocking=True)
+                self._uploaded[slot].record(self.upload_stream)
             return
-        with torch.cuda.stream(self.upload_stream):
-            if self._freed[slot] is not None:
-                self.upload_stream.wait_event(self._freed[slot])
-            if after is not None:
-                self.upload_stream.wait_event(after)
-            self.buffers[slot][:n].copy_(source, non_blocking=True)
-            self._uploaded[slot].record(self.upload_stream)
+        if self.executor is None:
+            self._delay("upload", slot)
+            dest.copy_(source)
+            return
+
+        def copy() -> None:
+            self._delay("upload", slot)
+            dest.copy_(source)
+
+        self._uploaded[slot] = self.executor.upload.submit(waits, copy)
 
     def wait_uploaded(self, slot: int) -> None:
-        """Order the current (compute) stream after the upload into ``slot``."""
+        """Order the current (compute) stream after the upload into ``slot`` (on the CPU: block the
+        computing thread until the copy has run)."""
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self._uploaded[slot])
+        else:
+            self._uploaded[slot].wait()
 
-    def release(self, slot: int, destination: torch.Tensor | None) -> torch.cuda.Event | None:
+    def release(self, slot: int, destination: torch.Tensor | None):
         """Free ``slot`` after the compute issued so far; copy it back into ``destination`` first if given.
-        Returns the CUDA event that marks the end of that copy (None on CPU)."""
-        if not self.cuda:
+        Returns the event that marks the end of that copy (None with synchronous CPU copies)."""
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.offload_stream):
+                self.offload_stream.wait_event(done)
+                self._delay("offload", slot)
+                if destination is not None:
+                    destination.copy_(self.buffers[slot][:destination.numel()], non_blocking=True)
+                freed = torch.cuda.Event()
+                freed.record(self.offload_stream)
+            self._freed[slot] = freed
+            return freed
+        if self.executor is None:
+            self._delay("offload", slot)
             if destination is not None:
                 destination.copy_(self.buffers[slot][:destination.numel()])
             return None
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.offload_stream):
-            self.offload_stream.wait_event(done)
+        source = self.buffers[slot]
+
+        def copy() -> None:
+            self._delay("offload", slot)
             if destination is not None:
-                destination.copy_(self.buffers[slot][:destination.numel()], non_blocking=True)
-            freed = torch.cuda.Event()
-            freed.record(self.offload_stream)
+                destination.copy_(source[:destination.numel()])
+
+        # CPU compute is synchronous in the threads that issue it: what was issued so far has run
+        freed = self.executor.offload.submit([HostEvent(done=True)], copy)
         self._freed[slot] = freed
         return freed
 
@@ -153,3 +303,5 @@ class Ring:
         """Wait for every copy in flight (before the host reads or writes the host store)."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        elif self.executor is not None:
+            self.executor.synchronize()

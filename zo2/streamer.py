@@ -3,10 +3,15 @@
 During a step the streamer uploads blocks in order into free slots (``prefetch`` ahead of the one
 computing: :meth:`BlockStreamer.pump`), orders the compute after each upload (:meth:`wait`) and, when
 the last half leaves a block, offloads it (:meth:`release`: copied back into its host store, or dropped
-when the precision strategy keeps the state on the host). Host-side preparation of a block before its
+when the precision strategy keeps the state on the host). A forward outside a step (evaluation) streams
+the blocks the same way, with the same prefetch, from the flushed host stores
+(:meth:`begin_observation`, :meth:`observe`, :meth:`end_observe`); under AMP it uploads the cached wire
+copies, cast again only after the master changed. Host-side preparation of a block before its
 upload (the AMP master update and low-precision cast) runs on a host thread ahead of the uploads when
 ``host_thread`` is set (CUDA machines), inline otherwise. The copies themselves are
-:class:`~zo2.ring.Ring`'s: CUDA streams and events on a GPU, synchronous copies on the CPU.
+:class:`~zo2.ring.Ring`'s: CUDA streams and events on a GPU, synchronous copies on the CPU, or the
+asynchronous CPU copy streams of :mod:`zo2.copy_executor` (stream-ordering tests; the delay hook is
+``streamer.ring.before_copy``).
 """
 
 from __future__ import annotations
@@ -46,27 +51,33 @@ class BlockStreamer:
         self.free_slots: deque[int] = deque(range(self.ring.slots))
         self.resident_slot: dict[int, int] = {}  # block -> slot, while resident
         self.next_upload = 0
-        self._offloaded: dict[int, torch.cuda.Event] = {}  # CUDA: the copy back into each block's host store
+        self._offloaded: dict = {}  # the event ending the copy back into each block's host store (async copies)
         self.host_pool = ThreadPoolExecutor(1, thread_name_prefix="zo2-host") if (
             host_thread and prepare is not None) else None
         self._prepared: dict[int, Future] = {}
+        self.observing: str | None = None  # "model" or "block" during a forward outside a step
 
     # ---------------------------------------------------------------------------------- the step
     def start_step(self) -> None:
         """Queue every block's host preparation (on the host thread) and upload the first blocks."""
+        self.end_observation()
         self.next_upload = 0
         if self.host_pool is not None:
             self._prepared = {b: self.host_pool.submit(self.prepare, b) for b in range(len(self.stores))}
         self.pump()
 
-    def pump(self) -> None:
-        """Upload the next blocks into the free slots."""
-        while self.next_upload < len(self.stores) and self.free_slots:
+    def pump(self, stop: int | None = None) -> None:
+        """Upload the next blocks (up to ``stop``) into the free slots. During a step each block is prepared
+        first (``prepare``); while observing, its cached wire copy is made current (``fill_wire``)."""
+        stop = len(self.stores) if stop is None else min(stop, len(self.stores))
+        while self.next_upload < stop and self.free_slots:
             b = self.next_upload
             self.next_upload += 1
             slot = self.free_slots.popleft()
             store = self.stores[b]
-            if self.prepare is not None:
+            if self.observing is not None:
+                store.fill_wire()
+            elif self.prepare is not None:
                 future = self._prepared.pop(b, None)
                 if future is not None:
                     future.result()
@@ -85,12 +96,14 @@ class BlockStreamer:
                                f"{self.ring.slots} slots); this is a scheduling bug")
         self.ring.wait_uploaded(slot)
 
-    def release(self, b: int) -> None:
-        """Offload block b after the compute issued so far, and give its slot to the next upload."""
+    def release(self, b: int, copy_back: bool | None = None) -> None:
+        """Offload block b after the compute issued so far, and give its slot to the next upload (copied
+        back into its host store when ``copy_back``, default: the strategy's)."""
         slot = self.resident_slot.pop(b)
         store = self.stores[b]
-        done = self.ring.release(slot, store.master_flat if self.copy_back else None)
-        if done is not None:
+        copy_back = self.copy_back if copy_back is None else copy_back
+        done = self.ring.release(slot, store.master_flat if copy_back else None)
+        if done is not None and copy_back:
             self._offloaded[b] = done
         store.attach(store.master)
         self.free_slots.append(slot)
@@ -108,17 +121,43 @@ class BlockStreamer:
         self.free_slots = deque(range(self.ring.slots))
 
     # ------------------------------------------------------------------------ outside a step
+    def begin_observation(self) -> None:
+        """A model forward outside a step (evaluation) starts: stream the blocks in order with the step's
+        prefetch, from their clean host stores (flushed: nothing is copied back)."""
+        self.end_observation()
+        self.observing = "model"
+        self.next_upload = 0
+        self.pump()
+
     def observe(self, b: int) -> None:
-        """A forward outside a step (evaluation): block b's clean wire copy through slot 0, synchronously."""
-        store = self.stores[b]
-        store.fill_wire()
-        self.ring.upload(0, store.wire_flat)
-        self.ring.wait_uploaded(0)
-        store.attach(store.wire_layout.views(self.ring.buffers[0]))
+        """Block b is entered outside a step: wait for its upload. A block that is not the next one in
+        order (a repeat, a skip, or a block called outside a model forward) is uploaded on demand."""
+        if b not in self.resident_slot:
+            if self.observing is None:
+                self.observing = "block"  # a block called on its own: bring it alone, drop it after
+            self._drop_resident()
+            self.next_upload = b
+            self.pump(stop=b + 1 if self.observing == "block" else None)
+        self.wait(b)
 
     def end_observe(self, b: int) -> None:
-        self.ring.release(0, None)
-        self.stores[b].attach(self.stores[b].master)
+        """Block b's forward outside a step is done: free its slot for the next block."""
+        if b in self.resident_slot:
+            self.release(b, copy_back=False)
+        if self.observing == "model":
+            self.pump()
+        else:
+            self.end_observation()
+
+    def end_observation(self) -> None:
+        """The observing forward ended (or raised): drop what is still resident."""
+        self._drop_resident()
+        self.observing = None
+        self.next_upload = 0
+
+    def _drop_resident(self) -> None:
+        for b in list(self.resident_slot):
+            self.release(b, copy_back=False)
 
     def synchronize(self) -> None:
         """Wait for every copy in flight (before the host reads or writes the host stores)."""
@@ -148,6 +187,7 @@ class BlockStreamer:
             else:
                 t0 = time.perf_counter()
                 self._transfer_all(after=None)
+                self.ring.synchronize()
                 times.append(time.perf_counter() - t0)
         self.synchronize()
         return statistics.median(times)
@@ -165,3 +205,7 @@ class BlockStreamer:
     def close(self) -> None:
         if self.host_pool is not None:
             self.host_pool.shutdown()
+        executor = self.ring.executor
+        if executor is not None:
+            self.ring.set_executor(None)
+            executor.close()

@@ -82,6 +82,7 @@ class Target:
     stream: int
     group: int
     offset: int = 0
+    cast: torch.Tensor | None = None  # AMP's host pass: the wire copy, filled in the same pass
 
 
 def transition(state: NoiseState, record: StepRecord | None, target: dict[int, float], group: int) -> Pass:
@@ -139,5 +140,5 @@ def move(targets: list[Target], state: NoiseState, record: StepRecord | None, ta
     for t in targets:
         if t.group not in passes:
             passes[t.group] = transition(state, record, target, t.group)
-        apply_pass(t.tensor, t.stream, *passes[t.group], dist, t.offset)
+        apply_pass(t.tensor, t.stream, *passes[t.group], dist, t.offset, t.cast)
     return NoiseState(record, dict(target)) if record is not None else NoiseState()

@@ -47,3 +47,46 @@ def test_device_memory_is_resident_plus_ring_plus_activations(make_opt):
     activations = engine.plan.activation_bytes(1, 16)
     assert peak < engine.plan.device_bytes + activations + 8 * 2**20
     assert engine.plan.device_bytes < total
+
+
+@pytest.mark.parametrize("amp", [None, "bf16"])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_cuda_copy_stream_delays_leave_the_trajectory_unchanged(make_opt, amp, prefetch):
+    """torch.cuda._sleep on the copy streams before each copy (zo2.copy_executor.random_cuda_spins): a
+    missing event wait lets the compute read a slot mid-upload or an upload overwrite a slot mid-offload.
+    Reference: the same engine without delays, bit for bit."""
+    from zo2.copy_executor import inject_copy_delays, random_cuda_spins
+
+    base = make_opt(num_hidden_layers=4)
+    runs = []
+    for delays in (False, True):
+        host = copy.deepcopy(base)
+        opt = zo2.ZOSGD(host.parameters(), lr=2e-3, eps=1e-2, seed=6)
+        engine = zo2.offload(host, opt, device="cuda", amp=amp, prefetch=prefetch, verbose=False)
+        if delays:
+            inject_copy_delays(engine, random_cuda_spins(seed=prefetch, max_cycles=2_000_000))  # ~1 ms
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(4):
+            ids = torch.randint(0, 61, (2, 9), generator=g).cuda()
+            losses.append(opt.step(lambda ids=ids, m=host: m(input_ids=ids, labels=ids).loss).item())
+        opt.flush()
+        runs.append((losses, [p.detach().cpu().clone() for p in host.parameters()]))
+        engine.detach()
+    assert runs[0][0] == runs[1][0]
+    for p, q in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_only_what_crosses_the_bus_is_pinned_at_its_planned_size(make_opt, amp):
+    model = make_opt(num_hidden_layers=3)
+    engine = zo2.offload(model, zo2.ZOSGD(model.parameters(), lr=1e-3), device="cuda", amp=amp, verbose=False)
+    pinned = pageable = 0
+    for store in engine.stores:
+        assert store.wire_flat.is_pinned()
+        assert store.master_flat.is_pinned() == (amp is None)  # the fp32 master never crosses the bus
+        for flat in {id(store.master_flat): store.master_flat, id(store.wire_flat): store.wire_flat}.values():
+            n = flat.untyped_storage().nbytes()
+            pinned, pageable = (pinned + n, pageable) if flat.is_pinned() else (pinned, pageable + n)
+    assert (engine.plan.pinned_host_bytes, engine.plan.pageable_host_bytes) == (pinned, pageable)

@@ -79,3 +79,43 @@ def test_bad_amp_and_missing_blocks():
         zo2.plan_offload(model, amp="int8")
     with pytest.raises(ValueError, match="blocks="):
         zo2.plan_offload(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("name", PLANNED)
+@pytest.mark.parametrize("amp", [None, "bf16"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_plan_counts_the_host_buffers_the_stores_allocate(builders, monkeypatch, name, amp, device):
+    """pinned_host_bytes + pageable_host_bytes are the stores' real buffers: storage sizes as allocated, and
+    pinned exactly where registered with cudaHostRegister (recorded here instead, so it runs without a GPU).
+    Only what crosses the bus is pinned: the master natively, the wire copy (never the fp32 master) under AMP."""
+    from zo2.blocks import find_blocks
+    from zo2.ring import BlockStore
+
+    registered = {}
+    monkeypatch.setattr(zo2.ring, "_register", lambda ptr, n: registered.__setitem__(ptr, n))
+    monkeypatch.setattr(zo2.ring, "_unregister", lambda ptr: None)
+    plan = zo2.plan_offload(on_meta(builders[name]), amp=amp, device=device)
+    _, blocks = find_blocks(builders[name](), None)
+    pin = device == "cuda"
+    stores = [BlockStore(b, zo2.plan.AMP_DTYPES[amp] if amp else None, pin) for b in blocks]
+    pinned = pageable = 0
+    for store in stores:
+        buffers = {"master": store.master_flat} if amp is None else {"master": store.master_flat,
+                                                                      "wire": store.wire_flat}
+        for role, flat in buffers.items():
+            storage = flat.untyped_storage()
+            is_pinned = storage.data_ptr() in registered
+            if is_pinned:
+                assert registered[storage.data_ptr()] == storage.nbytes()  # the whole buffer, nothing more
+                assert storage.data_ptr() % zo2.ring.PAGE == 0
+                pinned += storage.nbytes()
+            else:
+                pageable += storage.nbytes()
+            assert is_pinned == (pin and (amp is None or role == "wire")), role
+            assert storage.nbytes() - flat.numel() < zo2.ring.PAGE  # exact size, at most page-rounded
+        assert [(a.name, a.nbytes, a.pinned) for a in store.allocations] == [
+            (role, flat.untyped_storage().nbytes(), flat.untyped_storage().data_ptr() in registered)
+            for role, flat in buffers.items()]
+    assert len(registered) == (len(stores) if pin else 0)
+    assert (plan.pinned_host_bytes, plan.pageable_host_bytes) == (pinned, pageable)
+    assert plan.host_bytes == pinned + pageable
