@@ -6,6 +6,7 @@
     memtrain-bench dp --model llama-6x512 --isolate            # + each method's peak in a fresh process
     memtrain-bench plan --model opt-13b,llama2-70b --batch 1 --seq 2048 --dtype bfloat16
     memtrain-bench kernels zo_perturb --numel 1000000          # a kernel micro-benchmark (``kernels`` lists them)
+    memtrain-bench gpu-check --out bench-runs/gpu-check        # the GPU verification (< 8 min on one H100/H200)
 
 Methods run in one process, interleaved round by round (``--rounds``, 7 by default); times are the
 median and p20/p80 of the round samples. Each run writes ``results.json`` (command, date, environment
@@ -25,7 +26,7 @@ import sys
 import torch
 
 from ._harness import provenance, write_json
-from .catalogue import COMMANDS, METHODS
+from .catalogue import COMMANDS, METHODS, TOOLS
 from .planner import DTYPE_BYTES, PlanInput, model_shape
 from .presets import PRESETS
 from .report import breakdown, make_plots, plot_timeline, print_isolated, print_offload, print_plans, print_results
@@ -91,13 +92,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if kind == "zo":
             p.add_argument("--prefetch", type=int, default=1,
                            help="offload: blocks uploaded ahead of the computing one (ring slots = prefetch + 1)")
-    p = sub.add_parser("plan", help="predicted peak memory per method, without running anything")
+    p = sub.add_parser("plan", help=TOOLS["plan"])
     _common(p, None)
-    p = sub.add_parser("kernels", help="run a kernel micro-benchmark: memtrain-bench kernels NAME [ARGS ...]",
+    p = sub.add_parser("kernels", help=TOOLS["kernels"],
                        description="Kernel micro-benchmarks (memtrain.bench.kernels); without NAME, list them.")
     p.add_argument("script", nargs="?", help="e.g. zo_perturb (python -m memtrain.bench.kernels.bench_zo_perturb)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (NAME --help for its options)")
+    _gpu_check_parser(sub)
     args = ap.parse_args(argv)
+    if args.command == "gpu-check":
+        from .gpu_check import SECTIONS
+
+        unknown = [s for s in args.sections or [] if s not in {x.name for x in SECTIONS}]
+        if unknown:
+            ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(x.name for x in SECTIONS)}")
+        if args.timeout_scale <= 0:
+            ap.error(f"--timeout-scale must be > 0, got {args.timeout_scale}")
+        return args
     if args.command == "kernels":
         if args.script is not None and args.script.removeprefix("bench_") not in kernel_scripts():
             ap.error(f"unknown kernel benchmark {args.script!r}; choose from {', '.join(kernel_scripts())}")
@@ -111,6 +122,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if getattr(args, "prefetch", 0) < 0:
         ap.error(f"--prefetch must be >= 0, got {args.prefetch}")
     return args
+
+
+def _gpu_check_parser(sub) -> None:
+    p = sub.add_parser("gpu-check", help=TOOLS["gpu-check"], description=TOOLS["gpu-check"] + ". Without CUDA, "
+                       "the sections that can run do, and the report says why the others were skipped.")
+    p.add_argument("--out", default=None, help="output folder (default bench-runs/gpu-check-<time>)")
+    p.add_argument("--timeout-scale", type=float, default=1.0,
+                   help="multiply every section's timeout (defaults sum to under 8 minutes)")
+    p.add_argument("--sections", type=_csv, default=None, help="comma-separated subset (default: all)")
 
 
 def _plan_input(args: argparse.Namespace, model: str, device: str = "cuda") -> PlanInput:
@@ -210,10 +230,18 @@ def run_kernels(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (``memtrain-bench``); returns None so that the exit status is 0."""
+    """Console entry point (``memtrain-bench``); returns None so that the exit status is 0 (gpu-check exits 1
+    when a section failed)."""
     args = parse_args(argv)
     if args.command == "kernels":
         run_kernels(args)
+        return
+    if args.command == "gpu-check":
+        from .gpu_check import run_gpu_check
+
+        code = run_gpu_check(_out_dir(args), args.timeout_scale, args.sections, argv=argv)
+        if code:
+            sys.exit(code)  # a section failed: the report says which
         return
     head = provenance(getattr(args, "device", "cpu"), argv)
     out = _out_dir(args)
