@@ -6,7 +6,9 @@ recorded as failed with the tail of its stderr, and the others still run). A sec
 
 - ``status``: "ok" (default), "skipped" (with ``reason``: what it needs that is missing) or "failed";
 - ``checks``: correctness checks ``{"name", "ok", "value", "bound"}``; any false ``ok`` fails the section;
-- ``goals``: performance goals ``{"name", "met", "value", "goal"}``, reported, never a failure.
+- ``goals``: performance goals ``{"name", "met", "value", "goal"}``, reported, never a failure;
+- ``exports``: environment variables for the sections after it (e.g. whether a CUDA build succeeded, so
+  that later sections neither rebuild nor retry it).
 
 Without CUDA the sections that can run do (environment report, CPU noise self-check, the memory plans)
 and the others say why they were skipped. The run writes ``gpu_check.json`` (the bench schema: command,
@@ -46,17 +48,19 @@ class Section:
 _K = "memtrain.bench.gpu_sections_kernels"
 _Z = "memtrain.bench.gpu_sections_zo2"
 SECTIONS: list[Section] = [
-    Section("env", "memtrain.bench.gpu_check:section_env", 15, "environment report (python -m memtrain.env_report)"),
-    Section("gpu_tests", "memtrain.bench.gpu_check:section_gpu_tests", 90, "pytest -m gpu on the checkout's tests"),
-    Section("dp_precision", f"{_K}:section_dp_precision", 60,
+    Section("env", "memtrain.bench.gpu_check:section_env", 10, "environment report (python -m memtrain.env_report)"),
+    Section("cuda_build", f"{_K}:section_cuda_build", 60,
+            "build the cooperative dp_clip_once CUDA kernel once (torch's extension cache) for the sections after"),
+    Section("gpu_tests", "memtrain.bench.gpu_check:section_gpu_tests", 80, "pytest -m gpu on the checkout's tests"),
+    Section("dp_precision", f"{_K}:section_dp_precision", 55,
             "DP kernels on CUDA against float64: grid-limit and 2^31-offset shapes"),
-    Section("dp_speed", f"{_K}:section_dp_speed", 60,
+    Section("dp_speed", f"{_K}:section_dp_speed", 50,
             "DP kernels against cuBLAS at Llama-7B shapes (bf16, B=8, T=512)"),
-    Section("noise", f"{_K}:section_noise", 30, "Philox/zo_perturb noise: CPU vs GPU per dtype, fused pass bandwidth"),
-    Section("zo2_offload", f"{_Z}:section_zo2_offload", 75,
+    Section("noise", f"{_K}:section_noise", 25, "Philox/zo_perturb noise: CPU vs GPU per dtype, fused pass bandwidth"),
+    Section("zo2_offload", f"{_Z}:section_zo2_offload", 70,
             "zo2 offload vs plain ZOSGD, synthetic OPT 2048x8, prefetch 0/1/2 and AMP, with copy delays"),
-    Section("opt_1_3b", f"{_Z}:section_opt_1_3b", 45, "OPT-1.3B step ratio offloaded / plain"),
-    Section("opt_13b", f"{_Z}:section_opt_13b", 100, "OPT-13B offloaded step peak (B=1, T=2048, bf16 AMP)"),
+    Section("opt_1_3b", f"{_Z}:section_opt_1_3b", 40, "OPT-1.3B step ratio offloaded / plain"),
+    Section("opt_13b", f"{_Z}:section_opt_13b", 85, "OPT-13B offloaded step peak (B=1, T=2048, bf16 AMP)"),
 ]
 BUDGET_S = 480  # the whole run on one GPU, at --timeout-scale 1
 
@@ -117,14 +121,16 @@ def _tail(text: str) -> str:
     return text[-TAIL_CHARS:]
 
 
-def run_section(section: Section, timeout_s: float) -> dict:
-    """Run one section in a subprocess (its own session, so a hung section's children die with it)."""
+def run_section(section: Section, timeout_s: float, env: dict[str, str] | None = None) -> dict:
+    """Run one section in a subprocess (its own session, so a hung section's children die with it), with
+    ``env`` added to the environment."""
     fd, result = tempfile.mkstemp(suffix=".json", prefix=f"gpu-check-{section.name}-")
     os.close(fd)
     cmd = [sys.executable, "-m", "memtrain.bench.gpu_check", "--worker", section.target, result]
     rec: dict = {"name": section.name, "title": section.title, "timeout_s": timeout_s}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     try:
         _, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -205,10 +211,11 @@ def run_gpu_check(out: pathlib.Path, timeout_scale: float = 1.0, only: list[str]
     chosen = [s for s in (sections or SECTIONS) if not only or s.name in only]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     head = provenance(device, argv)
-    recs = []
+    recs, exports = [], {}
     for s in chosen:
         print(f"[gpu-check] {s.name}: {s.title} (timeout {s.timeout_s * timeout_scale:.0f} s)", flush=True)
-        rec = run_section(s, s.timeout_s * timeout_scale)
+        rec = run_section(s, s.timeout_s * timeout_scale, exports)
+        exports.update((rec.get("result") or {}).get("exports", {}))
         print(f"[gpu-check] {s.name}: {rec['status']} in {rec['seconds']:.1f} s"
               + (f" ({rec['reason']})" if rec.get("reason") else ""), flush=True)
         recs.append(rec)

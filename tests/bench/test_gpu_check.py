@@ -39,6 +39,7 @@ def test_cpu_run_writes_record_and_report_with_skip_reasons(tmp_path, capsys):
 
 
 SECTIONS_SRC = '''
+import os
 import time
 
 def boom():
@@ -55,6 +56,12 @@ def bad_check():
 
 def skip():
     return {"status": "skipped", "reason": "planted reason"}
+
+def export():
+    return {"exports": {"GPU_CHECK_TEST_VAR": "built"}}
+
+def read():
+    return {"value": os.environ.get("GPU_CHECK_TEST_VAR")}
 '''
 
 
@@ -63,7 +70,7 @@ def fake_sections(tmp_path, monkeypatch):
     (tmp_path / "fake_gpu_sections.py").write_text(textwrap.dedent(SECTIONS_SRC))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     return [GC.Section(name, f"fake_gpu_sections:{name}", 3 if name == "hang" else 60, name)
-            for name in ("boom", "hang", "fine", "bad_check", "skip")]
+            for name in ("boom", "hang", "fine", "bad_check", "skip", "export", "read")]
 
 
 def test_failed_sections_are_recorded_and_the_rest_run(tmp_path, fake_sections):
@@ -80,6 +87,14 @@ def test_failed_sections_are_recorded_and_the_rest_run(tmp_path, fake_sections):
     assert rec["failed"] == ["boom", "hang", "bad_check"]
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "FAILED: boom, hang, bad_check" in report and "planted failure" in report
+
+
+def test_exports_reach_the_sections_after(tmp_path, fake_sections, monkeypatch):
+    monkeypatch.delenv("GPU_CHECK_TEST_VAR", raising=False)
+    by_name = {s.name: s for s in fake_sections}
+    assert GC.run_gpu_check(tmp_path, sections=[by_name["read"], by_name["export"], by_name["read"]]) == 0
+    rec = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["result"].get("value") for s in rec["sections"]] == [None, None, "built"]
 
 
 def test_exit_status(tmp_path, fake_sections, monkeypatch):
