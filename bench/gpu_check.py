@@ -7,6 +7,7 @@ recorded as failed with the tail of its stderr, and the others still run). A sec
 - ``status``: "ok" (default), "skipped" (with ``reason``: what it needs that is missing) or "failed";
 - ``checks``: correctness checks ``{"name", "ok", "value", "bound"}``; any false ``ok`` fails the section;
 - ``goals``: performance goals ``{"name", "met", "value", "goal"}``, reported, never a failure;
+- ``figures``: the few measured values the report shows (``{"name", "value"}``), the rest being in the JSON;
 - ``exports``: environment variables for the sections after it (e.g. whether a CUDA build succeeded, so
   that later sections neither rebuild nor retry it).
 
@@ -176,6 +177,10 @@ def _summary(rec: dict) -> str:
     return "; ".join(parts) or "-"
 
 
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def report_markdown(record: dict) -> str:
     """The short report: a table of sections, then every check/goal, skipped reason and failure tail."""
     env = record["env"]
@@ -191,6 +196,7 @@ def report_markdown(record: dict) -> str:
                 f"{c.get('bound')})" for c in res.get("checks", [])]
         rows += [f"- goal {g['name']}: {'met' if g['met'] else 'not met'} (value {g.get('value')}, goal "
                  f"{g.get('goal')})" for g in res.get("goals", [])]
+        rows += [f"- {f['name']}: {_fmt(f['value'])}" for f in res.get("figures", [])]
         if s["status"] == "failed" and s.get("stderr_tail"):
             rows.append("```\n" + s["stderr_tail"][-1200:] + "\n```")
         if rows:

@@ -204,13 +204,17 @@ def section_dp_speed() -> dict:
         "dp_clip_accumulate": (lambda G, X, g: BA.methods(G, X, g, torch.float32, True), BA.GEMM),
         "dp_clip_once": (lambda G, X, g: BO.methods(G, X, bias=False), "nondp"),
     }
-    out: dict = {"shapes": _layers.LLAMA_7B, "dtype": "bfloat16", "once_kernel_ready": once, "results": {}}
+    out: dict = {"shapes": _layers.LLAMA_7B, "dtype": "bfloat16", "once_kernel_ready": once, "results": {},
+                 "figures": []}
     for bench, (make, base) in benches.items():
         for shape, _, stats in _layers.time_layers(args, _layers.LLAMA_7B, torch.bfloat16, make):
             ref = stats[base]["median"]
             out["results"][f"{bench} {shape}"] = {name: {"median_s": s["median"], "p20_s": s["p20"], "p80_s": s["p80"],
                                                          "time_over_cublas": s["median"] / ref}
                                                   for name, s in stats.items()}
+            slowest = max((n for n in stats if n != base), key=lambda n: stats[n]["median"])
+            out["figures"] += [{"name": f"{bench} {shape}: {n} / cuBLAS GEMM", "value": stats[n]["median"] / ref}
+                               for n in stats if n != base and (n == slowest or "dispatch" in n or n == "once")]
         torch.cuda.empty_cache()
     return out
 

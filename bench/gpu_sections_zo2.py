@@ -73,6 +73,11 @@ def _inject_copy_delays(engine: zo2.OffloadEngine, cycles: int) -> None:
     ring.upload, ring.release = delayed_upload, delayed_release
 
 
+def planned_pinned_bytes(plan: zo2.OffloadPlan) -> int:
+    """The page-locked bytes the plan counts: its own field where zo2 has one, else the whole host store."""
+    return getattr(plan, "pinned_bytes", plan.host_bytes)
+
+
 def _pinned_now() -> int:
     return int(torch.cuda.host_memory_stats().get("allocated_bytes.all.current",
                                                   torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)))
@@ -145,7 +150,7 @@ def section_zo2_offload() -> dict:
     opt_plain = zo2.ZOSGD(plain.parameters(), lr=LR, eps=EPS, seed=SEED)
     plain_losses = [_step(opt_plain, plain, ids) for ids in batches]
     out: dict = {"model": SYNTHETIC, "batch": batch, "seq": seq, "steps": steps, "plans": plans,
-                 "plain_losses": plain_losses, "runs": {}, "checks": [], "goals": []}
+                 "plain_losses": plain_losses, "runs": {}, "checks": [], "goals": [], "figures": []}
     for prefetch, amp in configs:
         tol = TOL[amp]
         undelayed = None
@@ -168,8 +173,9 @@ def section_zo2_offload() -> dict:
                 out["goals"].append({"name": f"{label}: peak allocated <= plan", "met": mem["peak_allocated_bytes"]
                                      <= planned, "value": mem["peak_allocated_bytes"], "goal": planned})
                 pinned = max(mem["pinned_allocator_bytes"], mem["pinned_buffer_bytes"])
-                out["goals"].append({"name": f"{label}: pinned bytes == plan host bytes", "met": pinned ==
-                                     plan.host_bytes, "value": pinned, "goal": plan.host_bytes})
+                planned_pinned = planned_pinned_bytes(plan)
+                out["goals"].append({"name": f"{label}: pinned bytes == plan", "met": pinned == planned_pinned,
+                                     "value": pinned, "goal": planned_pinned})
             else:  # the copies only moved in time: every bit must be the same
                 same = losses == undelayed[0] and all(torch.equal(p, q) for p, q in
                                                       zip(host.parameters(), undelayed[1], strict=True))
@@ -183,7 +189,9 @@ def section_zo2_offload() -> dict:
         host = copy.deepcopy(base)
         opt_off = zo2.ZOSGD(host.parameters(), lr=LR, eps=EPS, seed=SEED)
         engine = zo2.offload(host, opt_off, device="cuda", amp=amp, prefetch=1, verbose=False)
-        out["timing"][f"prefetch=1 amp={amp}"] = _ratio(opt_plain, plain, opt_off, host, engine, batches[0])
+        t = out["timing"][f"prefetch=1 amp={amp}"] = _ratio(opt_plain, plain, opt_off, host, engine, batches[0])
+        out["figures"] += [{"name": f"prefetch=1 amp={amp}: step offloaded / plain", "value": t["ratio"]},
+                           {"name": f"prefetch=1 amp={amp}: share of transfer time hidden", "value": t["hidden_share"]}]
         engine.detach()
         del host, engine
     return out
@@ -212,8 +220,10 @@ def section_opt_1_3b() -> dict:
     opt_plain = zo2.ZOSGD(plain.parameters(), lr=LR, eps=EPS, seed=SEED)
     opt_off = zo2.ZOSGD(base.parameters(), lr=LR, eps=EPS, seed=SEED)
     engine = zo2.offload(base, opt_off, device="cuda", prefetch=1, verbose=False)
-    return {"model": "opt-1.3b", "batch": batch, "seq": seq, "plan": plan_json(plan, batch, seq),
-            **_ratio(opt_plain, plain, opt_off, base, engine, ids)}
+    t = _ratio(opt_plain, plain, opt_off, base, engine, ids)
+    return {"model": "opt-1.3b", "batch": batch, "seq": seq, "plan": plan_json(plan, batch, seq), **t,
+            "figures": [{"name": "step offloaded / plain", "value": t["ratio"]},
+                        {"name": "share of transfer time hidden", "value": t["hidden_share"]}]}
 
 
 GOAL_13B = 5 * 10**9  # bytes; ZO2 published 6.18 GB for this step

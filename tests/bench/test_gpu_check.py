@@ -49,7 +49,7 @@ def hang():
     time.sleep(60)
 
 def fine():
-    return {"value": 1}
+    return {"value": 1, "figures": [{"name": "planted figure", "value": 0.5}]}
 
 def bad_check():
     return {"checks": [{"name": "planted check", "ok": False, "value": 2, "bound": 1}]}
@@ -81,12 +81,13 @@ def test_failed_sections_are_recorded_and_the_rest_run(tmp_path, fake_sections):
     assert s["boom"]["status"] == "failed" and "ValueError: planted failure" in s["boom"]["stderr_tail"]
     assert s["hang"]["status"] == "failed" and "timed out after 3 s" in s["hang"]["reason"]
     assert s["hang"]["seconds"] < 30  # killed at its timeout, not after the minute it sleeps
-    assert s["fine"]["status"] == "ok" and s["fine"]["result"] == {"value": 1}
+    assert s["fine"]["status"] == "ok" and s["fine"]["result"]["value"] == 1
     assert s["bad_check"]["status"] == "failed" and "planted check" in s["bad_check"]["reason"]
     assert s["skip"]["status"] == "skipped" and rec["skipped"] == {"skip": "planted reason"}
     assert rec["failed"] == ["boom", "hang", "bad_check"]
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "FAILED: boom, hang, bad_check" in report and "planted failure" in report
+    assert "- planted figure: 0.5" in report
 
 
 def test_exports_reach_the_sections_after(tmp_path, fake_sections, monkeypatch):
