@@ -249,6 +249,11 @@ def section_opt_13b() -> dict:
     if avail < host_need:
         return {**out, "status": "skipped", "reason": f"host memory: needs {host_need / 2**30:.0f} GiB, "
                 f"{avail / 2**30:.0f} GiB available"}
+    need = plan.device_bytes + plan.activation_bytes(batch, seq)
+    free, _ = torch.cuda.mem_get_info()
+    if need > free:
+        return {**out, "status": "skipped", "reason": f"device memory: the plan needs {need / 2**30:.1f} GiB, "
+                f"{free / 2**30:.1f} GiB free"}
     model = host_model("opt-13b")
     opt = zo2.ZOSGD(model.parameters(), lr=LR, eps=EPS, seed=SEED)
     engine = zo2.offload(model, opt, device="cuda", amp="bf16", prefetch=1, verbose=False)
