@@ -143,7 +143,9 @@ def section_zo2_offload() -> dict:
     plans = {f"prefetch={p} amp={a}": plan_json(zo2.plan_offload(meta, amp=a, prefetch=p), batch, seq)
              for p, a in configs}
     if not torch.cuda.is_available():
-        return {"status": "skipped", "reason": "no CUDA device (plans only)", "model": SYNTHETIC, "plans": plans}
+        return {"status": "skipped", "reason": "no CUDA device (plans only)", "model": SYNTHETIC, "plans": plans,
+                "figures": [{"name": f"{k}: planned device bytes (resident + ring + activations)",
+                             "value": v["device_bytes"] + v["activation_bytes"]} for k, v in plans.items()]}
     base = host_model(SYNTHETIC)
     batches = _batches(meta.config.vocab_size, batch, seq, steps)
     plain = copy.deepcopy(base).cuda()
@@ -243,7 +245,10 @@ def section_opt_13b() -> dict:
     avail = psutil.virtual_memory().available
     out = {"model": "opt-13b", "batch": batch, "seq": seq, "plan": plan_json(plan, batch, seq),
            "host_need_bytes": host_need, "host_available_bytes": avail, "goal_bytes": GOAL_13B,
-           "zo2_published_bytes": 6.18e9}
+           "zo2_published_bytes": 6.18e9,
+           "figures": [{"name": "planned device bytes (resident + ring + activations)",
+                        "value": plan.device_bytes + plan.activation_bytes(batch, seq)},
+                       {"name": "host bytes needed / available", "value": f"{host_need} / {avail}"}]}
     if not torch.cuda.is_available():
         return {**out, "status": "skipped", "reason": "no CUDA device (plan only)"}
     if avail < host_need:
