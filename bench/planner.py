@@ -168,7 +168,8 @@ def offload_parts(i: PlanInput, amp: bool) -> dict[str, int]:
     modules, the ring of block slots, a step's activations and logits; on the CPU also the host store."""
     import zo2
 
-    plan = zo2.plan_offload(cached_meta_model(i.shape.name, i.dtype), amp={2: "bf16"}[i.amp_bytes] if amp else None,
+    # bf16 and fp16 copies have the same size: the plan's bytes do not depend on which one the engine picks
+    plan = zo2.plan_offload(cached_meta_model(i.shape.name, i.dtype), amp="bf16" if amp else None,
                             prefetch=i.ring_slots - 1, device=i.device)
     parts = {
         "resident": plan.resident_bytes,
