@@ -16,6 +16,13 @@ COMMANDS: dict[str, tuple[dict[str, Method], list[str]]] = {
     "dp": (DP_METHODS, DEFAULT_DP),
 }
 
+# the commands that measure no method, with what they do (``memtrain-bench COMMAND --help``)
+TOOLS: dict[str, str] = {
+    "plan": "predicted peak memory per method, without running anything",
+    "kernels": "run a kernel micro-benchmark: memtrain-bench kernels NAME [ARGS ...]",
+    "gpu-check": "the GPU verification: every GPU section in its own process, one JSON and a report (< 8 min)",
+}
+
 
 def plan_method(method: str, s: Shape, batch: int, seq: int, dtype: torch.dtype = torch.float32,
                 ring_slots: int = 2, amp_bytes: int = 2, device: str = "cuda") -> Plan:

@@ -5,7 +5,9 @@
     memtrain-bench dp --model llama-tiny --trainable linear    # non-DP, flashdp, Opacus, Opacus ghost
     memtrain-bench dp --model llama-6x512 --isolate            # + each method's peak in a fresh process
     memtrain-bench plan --model opt-13b,llama2-70b --batch 1 --seq 2048 --dtype bfloat16
+    memtrain-bench plan --world-size 8 --shard fsdp --batch 8 --seq 2048 --dtype bfloat16   # per device, at scale
     memtrain-bench kernels zo_perturb --numel 1000000          # a kernel micro-benchmark (``kernels`` lists them)
+    memtrain-bench gpu-check --out bench-runs/gpu-check        # the GPU verification (< 8 min on one H100/H200)
 
 Methods run in one process, interleaved round by round (``--rounds``, 7 by default); times are the
 median and p20/p80 of the round samples. Each run writes ``results.json`` (command, date, environment
@@ -25,10 +27,20 @@ import sys
 import torch
 
 from ._harness import provenance, write_json
-from .catalogue import COMMANDS, METHODS
+from .catalogue import COMMANDS, METHODS, TOOLS
+from .plan_scale import OPTIMIZER_STATE_BYTES, SCALE_MODELS, SHARDS, scale_plans
 from .planner import DTYPE_BYTES, PlanInput, model_shape
 from .presets import PRESETS
-from .report import breakdown, make_plots, plot_timeline, print_isolated, print_offload, print_plans, print_results
+from .report import (
+    breakdown,
+    make_plots,
+    plot_timeline,
+    print_breakdowns,
+    print_isolated,
+    print_offload,
+    print_plans,
+    print_results,
+)
 
 SCHEMA = "memtrain-bench/2"
 KERNELS = "memtrain.bench.kernels"
@@ -91,17 +103,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if kind == "zo":
             p.add_argument("--prefetch", type=int, default=1,
                            help="offload: blocks uploaded ahead of the computing one (ring slots = prefetch + 1)")
-    p = sub.add_parser("plan", help="predicted peak memory per method, without running anything")
+    p = sub.add_parser("plan", help=TOOLS["plan"])
     _common(p, None)
-    p = sub.add_parser("kernels", help="run a kernel micro-benchmark: memtrain-bench kernels NAME [ARGS ...]",
+    p.set_defaults(model=None)
+    p.add_argument("--world-size", type=_positive, default=1, help="ranks (devices); --batch is the global batch")
+    p.add_argument("--shard", default="none", choices=SHARDS,
+                   help="none: one device, every method; ddp / fsdp: flashdp and zo2 under DDP or FSDP2, and zo2 "
+                        "offload, per device (default models: " + ", ".join(SCALE_MODELS) + ")")
+    p.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZER_STATE_BYTES),
+                   help="flashdp's inner optimizer, for its state (--shard ddp/fsdp)")
+    p = sub.add_parser("kernels", help=TOOLS["kernels"],
                        description="Kernel micro-benchmarks (memtrain.bench.kernels); without NAME, list them.")
     p.add_argument("script", nargs="?", help="e.g. zo_perturb (python -m memtrain.bench.kernels.bench_zo_perturb)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (NAME --help for its options)")
+    _gpu_check_parser(sub)
     args = ap.parse_args(argv)
+    if args.command == "gpu-check":
+        from .gpu_check import SECTIONS
+
+        unknown = [s for s in args.sections or [] if s not in {x.name for x in SECTIONS}]
+        if unknown:
+            ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(x.name for x in SECTIONS)}")
+        if args.timeout_scale <= 0:
+            ap.error(f"--timeout-scale must be > 0, got {args.timeout_scale}")
+        return args
     if args.command == "kernels":
         if args.script is not None and args.script.removeprefix("bench_") not in kernel_scripts():
             ap.error(f"unknown kernel benchmark {args.script!r}; choose from {', '.join(kernel_scripts())}")
         return args
+    if args.command == "plan":
+        if args.shard == "none" and args.world_size > 1:
+            ap.error("--world-size > 1 needs --shard ddp or --shard fsdp")
+        args.model = args.model or (SCALE_MODELS if args.shard != "none" else ["opt-tiny"])
     known = COMMANDS[args.command][0] if args.command in COMMANDS else METHODS
     unknown = [m for m in args.methods if m not in known]
     if unknown:
@@ -111,6 +144,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if getattr(args, "prefetch", 0) < 0:
         ap.error(f"--prefetch must be >= 0, got {args.prefetch}")
     return args
+
+
+def _gpu_check_parser(sub) -> None:
+    p = sub.add_parser("gpu-check", help=TOOLS["gpu-check"], description=TOOLS["gpu-check"] + ". Without CUDA, "
+                       "the sections that can run do, and the report says why the others were skipped.")
+    p.add_argument("--out", default=None, help="output folder (default bench-runs/gpu-check-<time>)")
+    p.add_argument("--timeout-scale", type=float, default=1.0,
+                   help="multiply every section's timeout (defaults sum to under 8 minutes)")
+    p.add_argument("--sections", type=_csv, default=None, help="comma-separated subset (default: all)")
 
 
 def _plan_input(args: argparse.Namespace, model: str, device: str = "cuda") -> PlanInput:
@@ -126,6 +168,15 @@ def _out_dir(args: argparse.Namespace) -> pathlib.Path:
 
 
 def run_plan(args: argparse.Namespace) -> dict:
+    if args.shard != "none":
+        plans = []
+        for model in args.model:
+            inp = _plan_input(args, model)
+            plans += [{"model": model, "world_size": args.world_size, "shard": args.shard,
+                       **p.as_json()} for p in scale_plans(inp, args.world_size, args.shard, args.optimizer)]
+        print_breakdowns(f"per-device memory, {args.shard} over {args.world_size} rank(s), global batch "
+                         f"{args.batch}, T={args.seq}, {args.dtype} (formulas: docs/memory_plan.md)", plans)
+        return {"plans": plans}
     plans = []
     for model in args.model:
         inp = _plan_input(args, model)
@@ -210,10 +261,18 @@ def run_kernels(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (``memtrain-bench``); returns None so that the exit status is 0."""
+    """Console entry point (``memtrain-bench``); returns None so that the exit status is 0 (gpu-check exits 1
+    when a section failed)."""
     args = parse_args(argv)
     if args.command == "kernels":
         run_kernels(args)
+        return
+    if args.command == "gpu-check":
+        from .gpu_check import run_gpu_check
+
+        code = run_gpu_check(_out_dir(args), args.timeout_scale, args.sections, argv=argv)
+        if code:
+            sys.exit(code)  # a section failed: the report says which
         return
     head = provenance(getattr(args, "device", "cpu"), argv)
     out = _out_dir(args)

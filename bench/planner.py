@@ -15,8 +15,8 @@ Everything is read from the model's exact shapes (built on the meta device) and 
   zo2 generates z inside its kernel and stores none; flashdp draws one parameter's noise at a time;
 - ``per-sample gradients``: Opacus (hooks) stores B copies of every trainable weight's gradient (and the
   largest once more while clipping); Opacus ghost retains the loss's graph for its second backward pass;
-- offload: ``resident`` (parameters outside the blocks), ``offload ring`` (ring slots × the largest block in
-  the compute dtype) and the activations of one block for both halves of the step.
+- offload: zo2's own plan (``zo2.plan_offload`` on the meta-device model: ``resident``, ``offload ring``,
+  the host store on a CPU device) and its estimate of a step's activations and logits.
 
 The peak is the sum of what coexists at the busiest moment (the end of the forward pass and the start of
 the backward pass for first-order methods). This module holds the shapes and the parts shared by several
@@ -27,6 +27,7 @@ runs print the plan beside what they measure; the coefficients were checked agai
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ class Shape:
     """What the planner needs to know about a model, read from its meta-device twin."""
 
     family: str
+    name: str  # the preset or checkpoint folder it was read from
     layers: int
     hidden: int
     ffn: int
@@ -54,16 +56,18 @@ class Shape:
     buffers: int
 
 
-def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    for m in model.modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) > 0:
-            return list(m)
-    return []
+@functools.cache
+def cached_meta_model(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """:func:`meta_model` in ``dtype``, built once per process (OPT-175B's takes seconds); do not modify it."""
+    return meta_model(name).to(dtype)
 
 
 def model_shape(name: str, trainable: str = "all") -> Shape:
-    """Exact parameter counts of a preset or local checkpoint (built on the meta device)."""
-    model = meta_model(name)
+    """Exact parameter counts of a preset or local checkpoint (built on the meta device); the blocks are the
+    ones zo2's offload engine streams and FSDP2 shards one unit each (``zo2.blocks.find_blocks``)."""
+    from zo2.blocks import find_blocks
+
+    model = cached_meta_model(name)
     cfg = model.config
     params = list(model.parameters())
     if trainable == "linear":
@@ -71,13 +75,13 @@ def model_shape(name: str, trainable: str = "all") -> Shape:
         train = [p for p in params if id(p) in linear]
     else:
         train = params
-    blocks = _blocks(model)
+    _, blocks = find_blocks(model)
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks] or [0]
     hidden = cfg.hidden_size
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     return Shape(
-        family=cfg.model_type, layers=cfg.num_hidden_layers, hidden=hidden,
+        family=cfg.model_type, name=name, layers=cfg.num_hidden_layers, hidden=hidden,
         ffn=getattr(cfg, "ffn_dim", None) or getattr(cfg, "intermediate_size", 4 * hidden),
         kv=hidden // heads * kv, vocab=cfg.vocab_size, params=sum(p.numel() for p in params),
         trainable=sum(p.numel() for p in train), largest=max((p.numel() for p in train), default=0),
@@ -160,16 +164,18 @@ def forward_only_parts(i: PlanInput, noise_values: int = 0) -> dict[str, int]:
 
 
 def offload_parts(i: PlanInput, amp: bool) -> dict[str, int]:
-    """zo2.offload's peak: resident modules, the ring of block slots, one block's activations for both
-    halves, the logits; on the CPU also the host store. The one place to swap for zo2's own offload plan."""
-    s, b, n = i.shape, i.bytes, i.tokens
-    cb = i.amp_bytes if amp else b
+    """zo2.offload's peak, from zo2's own plan of the meta-device model (``zo2.plan_offload``): resident
+    modules, the ring of block slots, a step's activations and logits; on the CPU also the host store."""
+    import zo2
+
+    # bf16 and fp16 copies have the same size: the plan's bytes do not depend on which one the engine picks
+    plan = zo2.plan_offload(cached_meta_model(i.shape.name, i.dtype), amp="bf16" if amp else None,
+                            prefetch=i.ring_slots - 1, device=i.device)
     parts = {
-        "resident": (s.params - s.in_blocks + s.buffers) * b,
-        "offload ring": i.ring_slots * s.block * cb,
-        "activations (one block, both halves)": 2 * n * s.hidden * 4 * cb,
-        "logits": 3 * n * s.vocab * cb,
+        "resident": plan.resident_bytes,
+        "offload ring": plan.ring_bytes,
+        "activations and logits (all halves)": plan.activation_bytes(i.batch, i.seq),
     }
     if i.device.startswith("cpu"):  # the host store (the blocks, and their low-precision copy) is the same memory
-        parts["host store (blocks)"] = s.in_blocks * (b + (cb if amp else 0))
+        parts["host store (blocks)"] = plan.host_bytes
     return parts

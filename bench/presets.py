@@ -42,6 +42,8 @@ PRESETS: dict[str, Preset] = {
     # the flashdp CPU preset (bench/RESULTS.md)
     "llama-6x512": _llama(512, 6, 8, 8, 1376),
     "opt-125m": _opt(768, 12, 12),
+    # the synthetic offload model of ``memtrain-bench gpu-check`` (OPT-1.3B's width, 8 layers)
+    "opt-2048x8": _opt(2048, 8, 32),
     "opt-350m": _opt(1024, 24, 16, proj=512),
     "opt-1.3b": _opt(2048, 24, 32),
     "opt-2.7b": _opt(2560, 32, 32),

@@ -97,6 +97,15 @@ def print_plans(plans: list[dict]) -> None:
     print_table("planned peak memory (GiB)", ["model", "method", "GiB", "parts (GiB)"], rows)
 
 
+def print_breakdowns(title: str, plans: list[dict]) -> None:
+    """Each plan's total and every line of its breakdown (GiB), one term per line."""
+    print(f"\n{title}")
+    for p in plans:
+        print(f"\n{p['model']}, {p['method']}: {p['total_bytes'] / 2**30:.2f} GiB")
+        for k, v in p["components_bytes"].items():
+            print(f"  {v / 2**30:10.3f}  {k}")
+
+
 def _pyplot():
     try:
         import matplotlib
