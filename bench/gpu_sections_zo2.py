@@ -14,6 +14,7 @@ import copy
 import torch
 
 import zo2
+from zo2.copy_executor import inject_copy_delays, random_cuda_spins
 
 from ._harness import interleaved
 from .offload_ratio import hidden_share
@@ -51,31 +52,15 @@ def plan_json(plan: zo2.OffloadPlan, batch: int, seq: int) -> dict:
 
 
 def _inject_copy_delays(engine: zo2.OffloadEngine, cycles: int) -> None:
-    """Make every copy of ``engine`` start ``cycles`` GPU cycles late (``torch.cuda._sleep`` on its copy
-    streams, after what the copy waits for): a missing wait then reads a slot before its data arrives.
-    The one place that knows where the copy streams live (today ``engine.ring``, a zo2.ring.Ring)."""
-    ring = engine.ring
-    upload, release = ring.upload, ring.release
-
-    def delayed_upload(slot, source, after=None):
-        with torch.cuda.stream(ring.upload_stream):
-            torch.cuda._sleep(cycles)
-        return upload(slot, source, after)
-
-    def delayed_release(slot, destination):
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(ring.device))
-        with torch.cuda.stream(ring.offload_stream):
-            ring.offload_stream.wait_event(done)
-            torch.cuda._sleep(cycles)
-        return release(slot, destination)
-
-    ring.upload, ring.release = delayed_upload, delayed_release
+    """Make every copy of ``engine`` start up to ``cycles`` GPU cycles late (seeded ``torch.cuda._sleep`` on
+    its copy streams, after what each copy waits for, through the ring's ``before_copy`` hook): a missing wait
+    then reads a slot before its data arrives."""
+    inject_copy_delays(engine, random_cuda_spins(seed=SEED, max_cycles=cycles))
 
 
 def planned_pinned_bytes(plan: zo2.OffloadPlan) -> int:
-    """The page-locked bytes the plan counts: its own field where zo2 has one, else the whole host store."""
-    return getattr(plan, "pinned_bytes", plan.host_bytes)
+    """The page-locked bytes the plan counts (exactly what the stores register)."""
+    return plan.pinned_host_bytes
 
 
 def _pinned_now() -> int:
