@@ -36,6 +36,7 @@ from .report import (
     make_plots,
     plot_timeline,
     print_breakdowns,
+    print_dp,
     print_isolated,
     print_offload,
     print_plans,
@@ -196,6 +197,7 @@ def _attach_plan(rec: dict, args: argparse.Namespace, model: str) -> None:
 
 
 def run_measure(args: argparse.Namespace, out: pathlib.Path) -> dict:
+    from .dp_ratio import dp_comparisons
     from .isolate import run_isolated
     from .memory import RssTimeline
     from .offload_ratio import offload_comparisons
@@ -234,6 +236,9 @@ def run_measure(args: argparse.Namespace, out: pathlib.Path) -> dict:
     if args.command == "zo":
         record["comparisons"] = offload_comparisons(results)
         print_offload(record["comparisons"])
+    else:
+        record["comparisons"] = dp_comparisons(results)
+        print_dp(record["comparisons"])
     if args.plots:
         record["plots"] = make_plots(results, out, memory)
     if timeline:

@@ -89,6 +89,22 @@ def print_offload(comparisons: list[dict]) -> None:
                 print(f"  {c['method']}: {c['hidden_share_note']}")
 
 
+def print_dp(comparisons: list[dict]) -> None:
+    """The DP comparison: throughput and peak memory of each private method against non-DP."""
+    from ._harness import print_table
+
+    rows = []
+    for c in comparisons:
+        rr, iso = c["round_ratios"], c["isolated_memory_ratio"]
+        rows.append([c["model"], c["method"], f"{c['throughput_ratio']:.3f}",
+                     "-" if rr is None else f"{rr['median']:.3f} ({rr['p20']:.3f}-{rr['p80']:.3f})",
+                     f"{c['memory_ratio']:.3f}", "-" if iso is None else f"{iso:.3f}"])
+    if rows:
+        print_table("DP / non-DP: throughput = non-DP step / DP step; memory = DP peak / non-DP peak",
+                    ["model", "method", "throughput", "round ratios median (p20-p80)", "memory",
+                     "memory (isolated)"], rows)
+
+
 def print_plans(plans: list[dict]) -> None:
     from ._harness import print_table
 
