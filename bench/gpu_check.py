@@ -130,8 +130,9 @@ def run_section(section: Section, timeout_s: float, env: dict[str, str] | None =
     cmd = [sys.executable, "-m", "memtrain.bench.gpu_check", "--worker", section.target, result]
     rec: dict = {"name": section.name, "title": section.title, "timeout_s": timeout_s}
     t0 = time.perf_counter()
+    # cwd: a checkout's own memtrain/ folder (which lacks memtrain.bench) must not shadow the installed package
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, cwd=tempfile.gettempdir())
     try:
         _, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
