@@ -76,6 +76,14 @@ def summarize(samples: list[float]) -> dict:
     return {"median": median, "p20": p20, "p80": p80, "rounds": len(samples), "samples": list(samples)}
 
 
+def round_ratios(numerators: list[float], denominators: list[float]) -> dict | None:
+    """:func:`summarize` of ``numerators[i] / denominators[i]``, round by round (the two samples of a round saw
+    the same load); None when the counts differ (a round failed, so rounds no longer pair up)."""
+    if len(numerators) != len(denominators):
+        return None
+    return summarize([a / b for a, b in zip(numerators, denominators, strict=True)])
+
+
 def interleaved(methods: Mapping[str, Callable[[], object]], rounds: int, warmup: int, device: str) -> dict:
     """Time callables round-robin; ``warmup`` untimed rounds first. Returns :func:`summarize` per name (seconds)."""
     timed = {name: (lambda fn=fn: time_once(fn, device)) for name, fn in methods.items()}

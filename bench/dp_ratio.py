@@ -13,7 +13,7 @@ report gives
 
 from __future__ import annotations
 
-from ._harness import summarize
+from ._harness import round_ratios
 
 BASELINE = "nondp"
 
@@ -32,11 +32,10 @@ def dp_comparisons(results: list[dict]) -> list[dict]:
         if method == BASELINE or base is None:
             continue
         comp = {"model": model, "method": method, "baseline": BASELINE,
-                "throughput_ratio": base["median"] / dp["median"], "round_ratios": None,
+                "throughput_ratio": base["median"] / dp["median"],
+                "round_ratios": round_ratios(base["samples"], dp["samples"]),
                 "memory_ratio": dp["memory_bytes"]["peak"] / base["memory_bytes"]["peak"],
                 "isolated_memory_ratio": None}
-        if len(dp["samples"]) == len(base["samples"]):  # pairs by round only when no round failed
-            comp["round_ratios"] = summarize([b / a for a, b in zip(dp["samples"], base["samples"], strict=True)])
         iso_dp, iso_base = _isolated_peak(dp), _isolated_peak(base)
         if iso_dp is not None and iso_base is not None:
             comp["isolated_memory_ratio"] = iso_dp / iso_base

@@ -12,7 +12,7 @@ When a run holds ``zo2`` and an offload method, both interleaved round by round,
 
 from __future__ import annotations
 
-from ._harness import summarize
+from ._harness import round_ratios
 
 PLAIN = "zo2"
 OFFLOAD = ("zo2-offload", "zo2-offload-amp")
@@ -34,9 +34,7 @@ def offload_comparisons(results: list[dict]) -> list[dict]:
         if method not in OFFLOAD or plain is None:
             continue
         comp = {"model": model, "method": method, "baseline": PLAIN, "ratio": off["median"] / plain["median"],
-                "round_ratios": None}
-        if len(off["samples"]) == len(plain["samples"]):  # pairs by round only when no round failed
-            comp["round_ratios"] = summarize([a / b for a, b in zip(off["samples"], plain["samples"], strict=True)])
+                "round_ratios": round_ratios(off["samples"], plain["samples"])}
         transfers = off.get("transfers") or {"status": "unavailable", "error": "no transfer timing in this record"}
         comp["transfers"] = transfers
         if transfers.get("status") == "ok":

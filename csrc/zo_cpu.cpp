@@ -270,17 +270,24 @@ void dispatch(const at::Tensor& p, F&& f) {
   }
 }
 
-at::Tensor zo_axpbz_(at::Tensor p, const std::vector<int64_t>& seeds, const std::vector<double>& coefs, int64_t stream,
-                     double c, int64_t dist, int64_t offset) {
-  check_target(p, "zo_axpbz_");
-  TORCH_CHECK(seeds.size() == coefs.size(), "zo_axpbz_: got ", seeds.size(), " seeds but ", coefs.size(),
+// The (seed, coefficient) terms of a fused pass, after checking one coefficient per seed and offset >= 0.
+std::vector<Term> checked_terms(const std::vector<int64_t>& seeds, const std::vector<double>& coefs, int64_t offset,
+                                const char* op) {
+  TORCH_CHECK(seeds.size() == coefs.size(), op, ": got ", seeds.size(), " seeds but ", coefs.size(),
               " coefficients; pass one coefficient per seed");
-  TORCH_CHECK(offset >= 0, "zo_axpbz_: offset must be >= 0, got ", offset);
-  const int d = check_dist(dist, "zo_axpbz_");
+  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
   std::vector<Term> terms;
   for (size_t j = 0; j < seeds.size(); ++j) {
     terms.push_back({static_cast<uint64_t>(seeds[j]), static_cast<float>(coefs[j])});
   }
+  return terms;
+}
+
+at::Tensor zo_axpbz_(at::Tensor p, const std::vector<int64_t>& seeds, const std::vector<double>& coefs, int64_t stream,
+                     double c, int64_t dist, int64_t offset) {
+  check_target(p, "zo_axpbz_");
+  const std::vector<Term> terms = checked_terms(seeds, coefs, offset, "zo_axpbz_");
+  const int d = check_dist(dist, "zo_axpbz_");
   const int64_t n = p.numel();
   dispatch(p, [&](auto* ptr) { fused_pass(ptr, n, offset, static_cast<uint64_t>(stream), terms, c, d, false); });
   return p;
@@ -294,14 +301,8 @@ at::Tensor zo_axpbz_cast_(at::Tensor p, at::Tensor out, const std::vector<int64_
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf,
               "zo_axpbz_cast_: out must be bfloat16 or float16, got ", out.scalar_type());
   TORCH_CHECK(out.numel() == p.numel(), "zo_axpbz_cast_: out has ", out.numel(), " elements but p has ", p.numel());
-  TORCH_CHECK(seeds.size() == coefs.size(), "zo_axpbz_cast_: got ", seeds.size(), " seeds but ", coefs.size(),
-              " coefficients; pass one coefficient per seed");
-  TORCH_CHECK(offset >= 0, "zo_axpbz_cast_: offset must be >= 0, got ", offset);
+  const std::vector<Term> terms = checked_terms(seeds, coefs, offset, "zo_axpbz_cast_");
   const int d = check_dist(dist, "zo_axpbz_cast_");
-  std::vector<Term> terms;
-  for (size_t j = 0; j < seeds.size(); ++j) {
-    terms.push_back({static_cast<uint64_t>(seeds[j]), static_cast<float>(coefs[j])});
-  }
   const int64_t n = p.numel();
   float* ptr = p.data_ptr<float>();
   const uint64_t s = static_cast<uint64_t>(stream);
