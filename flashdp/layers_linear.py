@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from memtrain.kernels.dp_clip_accumulate import clip_factors, dp_clip_accumulate_
 from memtrain.kernels.dp_clip_once import dp_clip_once_
-from memtrain.kernels.dp_linear_norms import dp_linear_norms, ghost_is_cheaper, gram
+from memtrain.kernels.dp_linear_norms import Gram, dp_linear_norms, ghost_is_cheaper, gram
 
 from .dispatch import UNSET, choose_path, cuda_once_serves, log_choice
 from .groups import Component, Use, grad_buffer
@@ -36,7 +36,7 @@ __all__ = ["DPConv1DMixin", "DPLinear", "DPLinearFunction", "LinearUse"]
 _GRAM_CACHE_BYTES = 64 << 20
 
 
-def _x_gram(X: Tensor, scratch: dict) -> Tensor | None:
+def _x_gram(X: Tensor, scratch: dict) -> Gram | None:
     B, T, _ = X.shape
     if X.device.type != "cpu" or B * T * T * 4 > _GRAM_CACHE_BYTES:
         return None

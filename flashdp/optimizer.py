@@ -194,11 +194,11 @@ class DPOptimizer(Optimizer):
             if distributed:  # rank 0's keys: every rank adds the same noise to the same sums, noise once in all
                 keys = noise.broadcast_keys(keys, device)
             self.add_noise(params, keys)
-        # Measured (single-thread CPU time, Llama 6×512 with 52 M parameters, B=32, T=128): the Philox noise pass
-        # takes 96 ms where torch.normal took 522 ms; the finite check 27 ms; this division 26-37 ms. The division
-        # stays a pass of its own: folding it into the noise pass (p + σC/B·z + (1/B − 1)·p) would cost up to
-        # B·2^-24 relative error on p/B. What remains between this DP step and non-DP (CPU time ≈ 0.92-0.94) is
-        # mostly the ghost norms' Gram products in backward (≈ 1.0 s of ≈ 13 s; the LM head's GGᵀ ≈ 0.3 s).
+        # The noise (one Philox pass, ~10x faster than torch.normal on 2 cores), the finite check and this
+        # division are one pass over the gradients each, small next to a step. The division stays a pass of its
+        # own: folding it into the noise pass (p + σC/B·z + (1/B − 1)·p) would cost up to B·2^-24 relative error
+        # on p/B. Most of what remains between a DP step and a non-DP one is the ghost norms' Gram products in
+        # backward (bench/RESULTS.md).
         if grads:
             torch._foreach_div_(grads, self.expected_batch_size)
         self.inner.step()

@@ -4,8 +4,9 @@
     python -m memtrain.bench.kernels.bench_dp_linear_norms --shapes 4,64,256,256 --dtype float32 --rounds 3
 
 Rows per layer shape (B, T, d_in, d_out): the BLAS ``Gᵀ X`` (cuBLAS on CUDA), the weight gradient of non-DP
-training and the cost the norms are measured against; the dispatcher's choice; the ghost form on BLAS Grams;
-the direct form as per-sample BLAS products; on CUDA the Triton kernels (direct, autotuned on the first call;
+training and the cost the norms are measured against; the dispatcher's choice; the ghost form on BLAS Grams
+(block lower triangles, as the library computes them) and, for comparison, on one full ``bmm`` per Gram; the
+direct form as per-sample BLAS products; on CUDA the Triton kernels (direct, autotuned on the first call;
 ghost). Interleaved rounds after a warm-up round (which also runs the autotuner); median, p20 and p80. On CPU
 the defaults are small fp32 shapes and the Triton rows are left out (the interpreter measures nothing useful).
 """
@@ -22,6 +23,12 @@ CPU_SMALL = ["4,64,256,256", "4,64,256,688", "4,64,688,256", "4,64,256,4000"]
 GEMM = "BLAS G^T X (non-DP weight grad)"
 
 
+def _ghost_full_grams(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """⟨G_b G_bᵀ, X_b X_bᵀ⟩ with each Gram one whole ``bmm`` (what the block triangle replaces)."""
+    gg = torch.bmm(G.float(), G.float().transpose(1, 2))
+    return gg.mul_(torch.bmm(X.float(), X.float().transpose(1, 2))).sum((1, 2))
+
+
 def methods(G: torch.Tensor, X: torch.Tensor, cuda: bool) -> dict:
     B, T, d_out = G.shape
     g2, x2 = G.reshape(B * T, d_out), X.reshape(B * T, X.shape[2])
@@ -29,6 +36,7 @@ def methods(G: torch.Tensor, X: torch.Tensor, cuda: bool) -> dict:
         GEMM: lambda: torch.mm(g2.t(), x2),
         "dp_linear_norms (dispatcher)": lambda: N.dp_linear_norms(G, X),
         "ghost: BLAS Grams": lambda: N._dp_linear_norms_torch(G, X, False, "ghost"),
+        "ghost: full-Gram bmm": lambda: _ghost_full_grams(G, X),
         "direct: per-sample BLAS": lambda: N._dp_linear_norms_torch(G, X, False, "direct"),
     }
     if cuda:

@@ -1,6 +1,8 @@
 """dp_linear_norms: Triton (interpreter on CPU, compiled on a GPU) and torch/cuBLAS paths against a float64
 per-sample reference; the grid of every launch within CUDA's limits; CUDA precision against float64."""
 
+import math
+
 import pytest
 import torch
 
@@ -214,3 +216,40 @@ def test_cuda_at_the_limits(case):
         else:
             tol = 1e-3 * ref.item()
         assert abs(got[b].item() - ref.item()) <= tol, (b, got[b].item(), ref.item())
+
+
+# T at and past the blocking threshold: one block (95), two uneven blocks (131: 64 + 64 + 3 rows), and more
+# blocks of a width that is not a multiple of T (300: width 64, five blocks; 1100: width 144, eight blocks).
+@pytest.mark.parametrize("T", [95, 131, 300, 1100])
+def test_ghost_block_triangle_against_float64(T):
+    """The blocked lower-triangle Grams against a float64 per-sample reference, on positive inputs.
+
+    With every entry of G and X positive, every term of ⟨GGᵀ, XXᵀ⟩ is positive: a block counted once instead
+    of twice (or twice instead of once), a missed or repeated row moves the result by far more than rounding.
+    Rounding bound: each Gram entry is a d-term fp32 dot product (relative error ≤ d·u, u = 2⁻²⁴), and the T²
+    products are summed per block and then across blocks (blocked reductions: ≤ (log2(T²) + 16 + blocks)·u);
+    all terms being positive, these relative bounds hold for the whole sum.
+    """
+    B, d_in, d_out = 2, 37, 19
+    G, X = torch.rand(B, T, d_out), torch.rand(B, T, d_in)
+    blocks = len(K.gram(X).blocks)
+    assert blocks == -(-T // K._gram_block_width(T)) and (blocks > 1) == (T >= 96)
+    u = 2.0 ** -24
+    rtol = (d_in + d_out + math.log2(T * T) + 16 + blocks) * u
+    ref = _reference(G, X, True)
+    got = K._dp_linear_norms_torch(G, X, True, "ghost")
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=0)
+    shared = K._dp_linear_norms_torch(G, X, True, "ghost", x_gram=K.gram(X))  # the cached-Gram path
+    torch.testing.assert_close(shared.double(), ref, rtol=rtol, atol=0)
+    full = K.gram(X).full()
+    torch.testing.assert_close(full.double(), X.double() @ X.double().transpose(1, 2), rtol=d_in * u, atol=0)
+
+
+def test_ghost_batch_chunks_share_the_cached_gram(monkeypatch):
+    """Samples split over several chunks read their own rows of a shared Gram (a wrong slice would mix samples)."""
+    monkeypatch.setattr(K, "_chunk", lambda per_sample_bytes, budget=0: 2)
+    B, T = 5, 100
+    G, X = torch.rand(B, T, 11), torch.rand(B, T, 13)
+    ref = _reference(G, X, False)
+    got = K._dp_linear_norms_torch(G, X, False, "ghost", x_gram=K.gram(X))
+    torch.testing.assert_close(got.double(), ref, rtol=(11 + 13 + math.log2(T * T) + 18) * 2.0 ** -24, atol=0)
