@@ -1,7 +1,9 @@
 """Benchmark plumbing shared by every command: the timing loop, the provenance of a record, table and JSON.
 
-Timing. Methods are interleaved round by round in one process (A B C, A B C ...), so that load on a
-shared machine slows every method alike and the ratios hold; each round gives one sample per method,
+Timing. Methods are interleaved round by round in one process, the order reversed every other round
+(A B C, C B A, A B C ...), so that load on a shared machine slows every method alike and the ratios hold,
+and no method always runs first (a drift in the load cancels over two rounds); each round gives one
+sample per method,
 and a method is summarised by the median and the 20th/80th percentiles of its samples. A sample is
 timed once: CUDA events on a GPU (after a device-wide synchronisation, so that work on side streams
 counts), ``time.perf_counter`` on the CPU. Whole training steps change state and take seconds, so they
@@ -58,13 +60,15 @@ def time_once(fn: Callable[[], object], device: str) -> float:
 
 
 def interleave(methods: Mapping[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
-    """Call every method once per round, in order, for ``rounds`` rounds (A B C, A B C ...): the one loop."""
+    """Call every method once per round for ``rounds`` rounds, in order and reversed by turns (A B C, C B A,
+    A B C ...): the one loop. Results keep the methods' order, one entry per round."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     out: dict[str, list[T]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            out[name].append(fn())
+    names = list(methods)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            out[name].append(methods[name]())
     return out
 
 

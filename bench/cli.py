@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         _common(p, kind)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--rounds", type=_positive, default=7,
-                       help="rounds of the method sequence (A B C A B C ...), one sample per method and round; "
+                       help="rounds of the method sequence (A B C, C B A, ...), one sample per method and round; "
                             "keep >= 7 for ratio claims")
         p.add_argument("--steps", type=_positive, default=1, help="timed steps per method and round")
         p.add_argument("--warmup", type=int, default=1, help="untimed steps before them, each round")

@@ -1,11 +1,11 @@
 """Runs the methods of a comparison in this process, interleaved round by round, and measures each one.
 
-Each round, for each method in turn (A B C, A B C ...): build a fresh model and batch (same seed for all),
-set the method up, run ``warmup`` untimed and ``steps`` timed steps, time its extra measurements (the
-offload engine's transfers alone), then free it. The round's sample is the mean time of its timed steps
-(CUDA events on a GPU); a method's times are the median and p20/p80 of its round samples, and tokens/s
-counts each token once per step at the median. Memory is the increase over a baseline taken just before
-the model is built, in three windows: build (weights and set-up), the first step (optimizer state
+Each round, for each method in turn (A B C, then C B A the next round): build a fresh model and batch
+(same seed for all), set the method up, run ``warmup`` untimed and ``steps`` timed steps, time its extra
+measurements (the offload engine's transfers alone), then free it. The round's sample is the mean time of
+its timed steps (CUDA events on a GPU); a method's times are the median and p20/p80 of its round samples,
+and tokens/s counts each token once per step at the median. Memory is the increase over a baseline taken
+just before the model is built, in three windows: build (weights and set-up), the first step (optimizer state
 appears) and the steady steps (activations and temporaries); the record keeps the round with the
 highest peak. Only one method's model is alive at a time, so each peak is the method's own.
 

@@ -134,7 +134,7 @@ def test_a_raising_method_does_not_stop_the_others():
 
 
 def test_rounds_interleave_and_a_failed_round_is_counted():
-    """Rounds run A B, A B; a method failing in one round keeps the others' samples and says so."""
+    """Rounds run A B, B A; a method failing in one round keeps the others' samples and says so."""
     order = []
 
     def counting(name, fail_in_round=None):
@@ -150,7 +150,7 @@ def test_rounds_interleave_and_a_failed_round_is_counted():
     cfg = RunConfig(model="opt-tiny", batch=2, seq=8, dtype=torch.float32, device="cpu", steps=2, warmup=1,
                     rounds=2, prime=False)
     results = {r["method"]: r for r in run_comparison(methods, cfg)}
-    assert "".join(order) == "abab"
+    assert "".join(order) == "abba"
     a, b = results["a"], results["b"]
     assert a["rounds"] == len(a["samples"]) == 2 and [len(ts) for ts in a["step_times"]] == [2, 2]
     assert a["losses"] == [1.0] * 6 and "failed_rounds" not in a

@@ -13,8 +13,8 @@ from memtrain.bench._harness import command_line, git_state, interleave, interle
 def test_interleave_runs_round_by_round():
     calls = []
     out = interleave({m: (lambda m=m: calls.append(m) or len(calls)) for m in "ABC"}, rounds=3)
-    assert "".join(calls) == "ABCABCABC"
-    assert out == {"A": [1, 4, 7], "B": [2, 5, 8], "C": [3, 6, 9]}
+    assert "".join(calls) == "ABCCBAABC"  # reversed every other round: no method always goes first
+    assert out == {"A": [1, 6, 7], "B": [2, 5, 8], "C": [3, 4, 9]}
     with pytest.raises(ValueError, match="rounds"):
         interleave({"A": lambda: 0}, rounds=0)
 
@@ -33,7 +33,7 @@ def test_interleaved_discards_the_warmup_rounds():
     calls = []
     stats = interleaved({"A": lambda: calls.append("A"), "B": lambda: calls.append("B")}, rounds=2, warmup=1,
                         device="cpu")
-    assert "".join(calls) == "ABABAB"
+    assert "".join(calls) == "ABBAAB"
     assert stats["A"]["rounds"] == stats["B"]["rounds"] == 2
 
 
