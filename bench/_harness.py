@@ -3,12 +3,11 @@
 Timing. Methods are interleaved round by round in one process, the order reversed every other round
 (A B C, C B A, A B C ...), so that load on a shared machine slows every method alike and the ratios hold,
 and no method always runs first (a drift in the load cancels over two rounds); each round gives one
-sample per method,
-and a method is summarised by the median and the 20th/80th percentiles of its samples. A sample is
-timed once: CUDA events on a GPU (after a device-wide synchronisation, so that work on side streams
-counts), ``time.perf_counter`` on the CPU. Whole training steps change state and take seconds, so they
-are not handed to ``torch.utils.benchmark`` or ``triton.testing.do_bench``, which call a statement many
-times; the kernel micro-benchmarks (``memtrain.bench.kernels``) use those.
+sample per method, and a method is summarised by the median and the 20th/80th percentiles of its
+samples. A sample is timed once: CUDA events on a GPU (after a device-wide synchronisation, so that work
+on side streams counts), ``time.perf_counter`` on the CPU. Whole training steps change state and take
+seconds, so they are not handed to ``torch.utils.benchmark`` or ``triton.testing.do_bench``, which call a
+statement many times; the kernel micro-benchmarks (``memtrain.bench.kernels``) use those.
 
 Provenance. :func:`provenance` gives what a reader needs to trust a record: the command as run, the UTC
 date, and :func:`environment` (CPU model, cores, versions, device and driver, the git commit and whether

@@ -226,9 +226,9 @@ def _bmm_fp32(a: Tensor, b: Tensor) -> Tensor:
 
 # Gram matrices are symmetric, so only the block lower triangle is computed: column blocks of width
 # `_gram_block_width(T)`, each one product of the rows from the block down (B, T - j, w) with the block's
-# rows. Plain BLAS has no batched syrk; these few large products are what torch can call. Measured (2-core
-# CPU, MKL) against one full bmm: 0.82-0.89 of the time at T = 128 (two blocks), 0.68-0.73 at T = 256 and
-# 512 (four and eight blocks); at T < 96 one product is as fast.
+# rows. torch exposes no batched syrk; these few large products are what it can call. Against one full bmm
+# per Gram (2-core CPU, MKL; bench/RESULTS.md): 0.83-0.86 of the time at T = 128 (two blocks), 0.76 at
+# T = 256 and 0.68 at T = 512 (four and eight blocks); below T = 96 one product is used.
 _GRAM_BLOCK_MIN_T = 96
 
 
@@ -242,9 +242,9 @@ def _gram_block_width(T: int) -> int:
 class Gram:
     """The block lower triangle of the per-sample Gram matrices A_b A_bᵀ, fp32.
 
-    ``blocks[k]`` is ``A[:, j:] @ A[:, j:j+w]ᵀ`` (B, T - j, w) for ``j = k·width``: its first ``w`` rows are the
-    square diagonal block (counted once), the rows below it stand for themselves and their mirror image above
-    the diagonal (counted twice).
+    ``blocks[k]`` is ``A[:, j:] @ A[:, j:j+w]ᵀ`` (B, T - j, w) for ``j = k·width`` (``w = width``, less for the
+    last block when ``width`` does not divide T): its first ``w`` rows are the square diagonal block (counted
+    once), the rows below it stand for themselves and their mirror image above the diagonal (counted twice).
     """
 
     def __init__(self, blocks: list[Tensor], width: int):
