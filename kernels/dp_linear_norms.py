@@ -250,12 +250,6 @@ class Gram:
     def __init__(self, blocks: list[Tensor], width: int):
         self.blocks, self.width = blocks, width
 
-    @classmethod
-    def of(cls, A: Tensor) -> Gram:
-        T = A.shape[1]
-        w = _gram_block_width(T)
-        return cls([_bmm_fp32(A[:, j:], A[:, j:j + w].transpose(1, 2)) for j in range(0, T, w)], w)
-
     def samples(self, start: int, stop: int) -> Gram:
         """The Grams of samples [start, stop)."""
         return Gram([b[start:stop] for b in self.blocks], self.width)
@@ -267,7 +261,7 @@ class Gram:
         out = None
         for a, b in zip(self.blocks, other.blocks, strict=True):
             prod = a.mul_(b) if overwrite else a * b
-            w = min(self.width, prod.shape[1])
+            w = prod.shape[2]  # the diagonal block is square: as many rows as the block has columns
             part = prod[:, :w].sum((1, 2))
             if prod.shape[1] > w:
                 part = part + 2 * prod[:, w:].sum((1, 2))
@@ -275,7 +269,7 @@ class Gram:
         return out
 
     def full(self) -> Tensor:
-        """The whole (B, T, T) matrices (for tests and for callers that need every entry)."""
+        """The whole (B, T, T) matrices, mirrored from the blocks (to check them against a reference)."""
         B, T = self.blocks[0].shape[0], self.blocks[0].shape[1]
         out = self.blocks[0].new_empty(B, T, T)
         for k, blk in enumerate(self.blocks):
@@ -288,11 +282,15 @@ class Gram:
 
 def gram(X: Tensor) -> Gram:
     """Per-sample Gram matrices X_b X_bᵀ (block lower triangle, fp32), to share between layers reading X."""
-    return Gram.of(X)
+    T = X.shape[1]
+    w = _gram_block_width(T)
+    return Gram([_bmm_fp32(X[:, j:], X[:, j:j + w].transpose(1, 2)) for j in range(0, T, w)], w)
 
 
 def _dp_linear_norms_torch(G: Tensor, X: Tensor, with_bias: bool, method: str, x_gram: Gram | None = None) -> Tensor:
     B, T, d_in, d_out = _check(G, X)
+    if method not in ("ghost", "direct"):
+        raise ValueError(f"dp_linear_norms: unknown method {method!r}; use 'direct' or 'ghost'")
     out = torch.empty(B, device=G.device, dtype=torch.float32)
     if B == 0 or T == 0:
         return out.zero_()
@@ -302,14 +300,12 @@ def _dp_linear_norms_torch(G: Tensor, X: Tensor, with_bias: bool, method: str, x
         for s in range(0, B, step):
             xx = x_gram.samples(s, s + step) if x_gram is not None else gram(X[s:s + step])
             out[s:s + step] = gram(G[s:s + step]).inner(xx, overwrite=True)
-    elif method == "direct":
+    else:
         step = _chunk(d_in * d_out * 4)
         for s in range(0, B, step):
             p = _bmm_fp32(G[s:s + step].transpose(1, 2), X[s:s + step])
             # row norms, then a pairwise sum: one fp32 vector_norm over out·in elements drifts (~3e-4 at 4M)
             out[s:s + step] = torch.linalg.vector_norm(p, dim=2).square().sum(1)
-    else:
-        raise ValueError(f"dp_linear_norms: unknown method {method!r}; use 'direct' or 'ghost'")
     if with_bias:
         out += _bias_sq_norms(G)
     return out

@@ -25,8 +25,8 @@ GEMM = "BLAS G^T X (non-DP weight grad)"
 
 def _ghost_full_grams(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """⟨G_b G_bᵀ, X_b X_bᵀ⟩ with each Gram one whole ``bmm`` (what the block triangle replaces)."""
-    gg = torch.bmm(G.float(), G.float().transpose(1, 2))
-    return gg.mul_(torch.bmm(X.float(), X.float().transpose(1, 2))).sum((1, 2))
+    gg = N._bmm_fp32(G, G.transpose(1, 2))
+    return gg.mul_(N._bmm_fp32(X, X.transpose(1, 2))).sum((1, 2))
 
 
 def methods(G: torch.Tensor, X: torch.Tensor, cuda: bool) -> dict:

@@ -87,6 +87,8 @@ def test_ghost_rule_and_bad_input():
         K.dp_linear_norms(torch.randn(2, 3, 4), torch.randn(2, 4, 4))
     with pytest.raises(ValueError, match="unknown method"):
         K._dp_linear_norms_torch(torch.randn(2, 3, 4), torch.randn(2, 3, 4), False, "magic")
+    with pytest.raises(ValueError, match="unknown method"):  # refused before the empty-batch shortcut too
+        K._dp_linear_norms_torch(torch.randn(0, 3, 4), torch.randn(0, 3, 4), False, "magic")
 
 
 # ------------------------------------------------------------------------------------------ grid limits
@@ -218,6 +220,12 @@ def test_cuda_at_the_limits(case):
         assert abs(got[b].item() - ref.item()) <= tol, (b, got[b].item(), ref.item())
 
 
+def _blocked_ghost_rtol(T: int, d_in: int, d_out: int) -> float:
+    """Relative rounding bound of the blocked ghost norm on positive inputs (see the test below), u = 2⁻²⁴."""
+    blocks = -(-T // K._gram_block_width(T))
+    return (d_in + d_out + math.log2(T * T) + 16 + blocks) * 2.0 ** -24
+
+
 # T at and past the blocking threshold: one block (95), two uneven blocks (131: 64 + 64 + 3 rows), and more
 # blocks of a width that is not a multiple of T (300: width 64, five blocks; 1100: width 144, eight blocks).
 @pytest.mark.parametrize("T", [95, 131, 300, 1100])
@@ -234,15 +242,15 @@ def test_ghost_block_triangle_against_float64(T):
     G, X = torch.rand(B, T, d_out), torch.rand(B, T, d_in)
     blocks = len(K.gram(X).blocks)
     assert blocks == -(-T // K._gram_block_width(T)) and (blocks > 1) == (T >= 96)
-    u = 2.0 ** -24
-    rtol = (d_in + d_out + math.log2(T * T) + 16 + blocks) * u
+    rtol = _blocked_ghost_rtol(T, d_in, d_out)
     ref = _reference(G, X, True)
     got = K._dp_linear_norms_torch(G, X, True, "ghost")
     torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=0)
     shared = K._dp_linear_norms_torch(G, X, True, "ghost", x_gram=K.gram(X))  # the cached-Gram path
     torch.testing.assert_close(shared.double(), ref, rtol=rtol, atol=0)
     full = K.gram(X).full()
-    torch.testing.assert_close(full.double(), X.double() @ X.double().transpose(1, 2), rtol=d_in * u, atol=0)
+    torch.testing.assert_close(full.double(), X.double() @ X.double().transpose(1, 2), rtol=d_in * 2.0 ** -24,
+                               atol=0)
 
 
 def test_ghost_batch_chunks_share_the_cached_gram(monkeypatch):
@@ -252,4 +260,4 @@ def test_ghost_batch_chunks_share_the_cached_gram(monkeypatch):
     G, X = torch.rand(B, T, 11), torch.rand(B, T, 13)
     ref = _reference(G, X, False)
     got = K._dp_linear_norms_torch(G, X, False, "ghost", x_gram=K.gram(X))
-    torch.testing.assert_close(got.double(), ref, rtol=(11 + 13 + math.log2(T * T) + 18) * 2.0 ** -24, atol=0)
+    torch.testing.assert_close(got.double(), ref, rtol=_blocked_ghost_rtol(T, 13, 11), atol=0)
