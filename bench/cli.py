@@ -39,6 +39,7 @@ from .report import (
     print_dp,
     print_isolated,
     print_offload,
+    print_op_profiles,
     print_plans,
     print_results,
 )
@@ -98,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="also measure each method's peak memory in a fresh process of its own")
         p.add_argument("--profile-memory", action="store_true",
                        help="GPU: a memory snapshot per method; CPU: an RSS timeline (both with a breakdown)")
+        p.add_argument("--profile-ops", type=int, default=0, metavar="N",
+                       help="after each round's timed steps, N untimed steps under torch.profiler: each op's time "
+                            "and flashdp's regions (norms, clipped sums, noise, ...) per step")
         p.add_argument("--no-prime", dest="prime", action="store_false",
                        help="CPU: skip the priming run on a tiny model before each method's baseline")
         p.add_argument("--no-plots", dest="plots", action="store_false")
@@ -142,6 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     if getattr(args, "warmup", 0) < 0:
         ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    if getattr(args, "profile_ops", 0) < 0:
+        ap.error(f"--profile-ops must be >= 0, got {args.profile_ops}")
     if getattr(args, "prefetch", 0) < 0:
         ap.error(f"--prefetch must be >= 0, got {args.prefetch}")
     return args
@@ -215,12 +221,13 @@ def run_measure(args: argparse.Namespace, out: pathlib.Path) -> dict:
             cfg = RunConfig(model=model, batch=args.batch, seq=args.seq, dtype=getattr(torch, args.dtype),
                             device=args.device, steps=args.steps, warmup=args.warmup, trainable=args.trainable,
                             rounds=args.rounds, profile_memory=args.profile_memory, snapshot_dir=str(out),
-                            prime=args.prime, options=options)
+                            prime=args.prime, profile_ops=args.profile_ops, options=options)
             for rec in run_comparison(methods, cfg, timeline):
                 _attach_plan(rec, args, model)
                 results.append(rec)
             if args.isolate:
-                one = RunConfig(**{**vars(cfg), "rounds": 1, "prime": False, "profile_memory": False})
+                one = RunConfig(**{**vars(cfg), "rounds": 1, "prime": False, "profile_memory": False,
+                                   "profile_ops": 0})
                 for rec in results[-len(methods):]:
                     rec["isolated"] = run_isolated(rec["method"], one)
     finally:
@@ -239,6 +246,7 @@ def run_measure(args: argparse.Namespace, out: pathlib.Path) -> dict:
     else:
         record["comparisons"] = dp_comparisons(results)
         print_dp(record["comparisons"])
+        print_op_profiles(record["comparisons"])
     if args.plots:
         record["plots"] = make_plots(results, out, memory)
     if timeline:

@@ -8,12 +8,15 @@ report gives
   load), summarised with its p20–p80 spread: the figure a throughput target is judged on;
 - ``memory_ratio``: the DP method's in-process peak over non-DP's (both over the pre-build baseline),
   and ``isolated_memory_ratio``: the same from each method's own fresh process (``--isolate``), when
-  both isolated records are ok.
+  both isolated records are ok;
+- ``op_profile`` (``--profile-ops``): the DP method's flashdp regions as shares of the profiled non-DP step,
+  and the ops whose time differs most (:func:`memtrain.bench.op_profile.compare_profiles`).
 """
 
 from __future__ import annotations
 
 from ._harness import round_ratios
+from .op_profile import compare_profiles
 
 BASELINE = "nondp"
 
@@ -36,6 +39,8 @@ def dp_comparisons(results: list[dict]) -> list[dict]:
                 "round_ratios": round_ratios(base["samples"], dp["samples"]),
                 "memory_ratio": dp["memory_bytes"]["peak"] / base["memory_bytes"]["peak"],
                 "isolated_memory_ratio": None}
+        if "op_profile" in dp and "op_profile" in base:
+            comp["op_profile"] = compare_profiles(dp["op_profile"], base["op_profile"])
         iso_dp, iso_base = _isolated_peak(dp), _isolated_peak(base)
         if iso_dp is not None and iso_base is not None:
             comp["isolated_memory_ratio"] = iso_dp / iso_base

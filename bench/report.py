@@ -105,6 +105,26 @@ def print_dp(comparisons: list[dict]) -> None:
                      "memory (isolated)"], rows)
 
 
+def print_op_profiles(comparisons: list[dict]) -> None:
+    """--profile-ops: flashdp's regions as shares of the non-DP step, and the ops that differ most (ms per step)."""
+    from ._harness import print_table
+
+    for c in comparisons:
+        prof = c.get("op_profile")
+        if prof is None:
+            continue
+        head = (f"{c['model']}, {c['method']} against {c['baseline']} under torch.profiler: profiled step "
+                f"{prof['dp_step_ms']:.1f} ms against {prof['baseline_step_ms']:.1f} ms")
+        rows = [[name, f"{r['ms']:.1f}", f"{100 * r['share_of_baseline_step']:.2f}%", f"{r['calls']:.0f}"]
+                for name, r in sorted(prof["regions"].items(), key=lambda kv: -kv[1]["ms"])]
+        print_table(f"{head}; flashdp regions (ms per step, share of the non-DP step)",
+                    ["region", "ms", "share", "calls"], rows)
+        rows = [[d["op"][:60], f"{d['baseline_ms']:.1f}", f"{d['dp_ms']:.1f}", f"{d['difference_ms']:+.1f}"]
+                for d in prof["largest_differences"]]
+        print_table(f"{head}; ops with the largest difference (self ms per step)",
+                    ["op", c["baseline"], c["method"], "difference"], rows)
+
+
 def print_plans(plans: list[dict]) -> None:
     from ._harness import print_table
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from ._harness import interleave, summarize, time_once
 from .memory import MemoryProbe, RssTimeline
 from .methods import Method, MethodUnavailable, Workload, freeze_all_but_linear
+from .op_profile import merge_profiles, profile_steps
 from .presets import PRESETS, build_model, model_config
 
 PRIMERS = {"opt": "opt-tiny", "llama": "llama-tiny"}
@@ -44,6 +45,7 @@ class RunConfig:
     profile_memory: bool = False
     snapshot_dir: str | None = None
     prime: bool = True
+    profile_ops: int = 0  # steps per round under torch.profiler after the timed ones (memtrain.bench.op_profile)
     options: dict = field(default_factory=dict)  # passed to the methods in Workload.options
 
 
@@ -119,6 +121,12 @@ def run_method(method: Method, cfg: RunConfig, probe: MemoryProbe, bar: tqdm, pr
                 extras[extra] = fn()
             except Exception as err:  # reported in the record; the step times still stand
                 extras[extra] = error_record(err)
+        if cfg.profile_ops:
+            phase("profile")
+            try:
+                record["op_profile"] = profile_steps(runner.step, cfg.profile_ops, cfg.device)
+            except Exception as err:  # reported in the record; the step times still stand
+                record["op_profile_error"] = error_record(err)
         record.update(status="ok", sample=sum(times) / len(times), step_times=times, losses=losses,
                       memory_kind=probe.kind, memory_bytes=mem, baseline_bytes=probe.baseline, extras=extras,
                       **probe.counters(), **runner.info)
@@ -158,13 +166,16 @@ def merge_rounds(records: list[dict], tokens_per_step: int) -> dict:
     if not ok:
         return records[-1]
     merged = dict(max(ok, key=lambda r: r["memory_bytes"]["peak"]))
-    for key in ("sample", "step_times", "losses", "extras"):
-        merged.pop(key)
+    for key in ("sample", "step_times", "losses", "extras", "op_profile"):
+        merged.pop(key, None)
     merged.update(summarize([r["sample"] for r in ok]), unit="s/step",
                   step_times=[r["step_times"] for r in ok], losses=[x for r in ok for x in r["losses"]])
     merged["tokens_per_s"] = tokens_per_step / merged["median"]
     for extra in ok[0]["extras"]:
         merged[extra] = _merge_extra([r["extras"][extra] for r in ok])
+    profiles = [r["op_profile"] for r in ok if "op_profile" in r]
+    if profiles:
+        merged["op_profile"] = merge_profiles(profiles)
     failed = [r for r in records if r.get("status") != "ok"]
     if failed:
         merged["failed_rounds"] = len(failed)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from memtrain.kernels.dp_clip_accumulate import clip_factors
 
 from .errors import FlashDPError
+from .profiling import CLIPPED_SUM, NORMS, region
 from .runtime import Runtime
 
 __all__ = ["ClipGroup", "Component", "Use", "batch_scale"]
@@ -101,8 +102,10 @@ class Use:
 
     def clip_and_accumulate(self, max_norm: float, scale: float) -> Tensor:
         """Single-use fast path: clip with threshold ``max_norm`` and accumulate; return raw squared norms."""
-        sq = self.sq_norms()
-        self.accumulate(clip_factors(sq, max_norm, scale))
+        with region(NORMS):
+            sq = self.sq_norms()
+        with region(CLIPPED_SUM):
+            self.accumulate(clip_factors(sq, max_norm, scale))
         return sq
 
 
@@ -207,16 +210,18 @@ class ClipGroup:
         if len(uses) == 1:
             self.last_sq_norms = uses[0].clip_and_accumulate(self.max_norm, scale)
             return
-        sq = sum(u.sq_norms() for u in uses)
-        comps = [u.components() for u in uses]
-        for i in range(len(uses)):
-            for j in range(i + 1, len(uses)):
-                for a in comps[i]:
-                    for b in comps[j]:
-                        if a.param is b.param:
-                            sq = sq + 2 * inner(a, b)
-        coef = clip_factors(sq, self.max_norm, scale)
-        for u in uses:
-            u.accumulate(coef)
+        with region(NORMS):
+            sq = sum(u.sq_norms() for u in uses)
+            comps = [u.components() for u in uses]
+            for i in range(len(uses)):
+                for j in range(i + 1, len(uses)):
+                    for a in comps[i]:
+                        for b in comps[j]:
+                            if a.param is b.param:
+                                sq = sq + 2 * inner(a, b)
+        with region(CLIPPED_SUM):
+            coef = clip_factors(sq, self.max_norm, scale)
+            for u in uses:
+                u.accumulate(coef)
         self.last_sq_norms = sq
 

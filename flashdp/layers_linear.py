@@ -24,6 +24,7 @@ from memtrain.kernels.dp_linear_norms import Gram, dp_linear_norms, ghost_is_che
 from .dispatch import UNSET, choose_path, cuda_once_serves, log_choice
 from .groups import Component, Use, grad_buffer
 from .layers_common import LayerCall, autocast_inputs, layer_call, trainable
+from .profiling import CLIP_ONCE, CLIPPED_SUM, NORMS, region
 from .registry import register_layer
 
 __all__ = ["DPConv1DMixin", "DPLinear", "DPLinearFunction", "LinearUse"]
@@ -101,9 +102,7 @@ class LinearUse(Use):
 
     def clip_and_accumulate(self, max_norm: float, scale: float) -> Tensor:
         if self.weight is None:
-            sq = self.sq_norms()
-            self.accumulate(clip_factors(sq, max_norm, scale))
-            return sq
+            return super().clip_and_accumulate(max_norm, scale)
         T, d_in, d_out = self._w_shape()
         dev = self.G.device.type
         once_ok = dev == "cuda" and cuda_once_serves(d_out, d_in, self.G.device, dtype=self.G.dtype,
@@ -114,9 +113,12 @@ class LinearUse(Use):
         if path == "once":
             gw = grad_buffer(self.weight)
             gb = grad_buffer(self.bias) if self.bias is not None else None
-            return dp_clip_once_(self.G, self.X, gw, gb, max_norm, scale, layout=self.layout)
-        sq = self.sq_norms(method=path)
-        self.accumulate(clip_factors(sq, max_norm, scale))
+            with region(CLIP_ONCE):
+                return dp_clip_once_(self.G, self.X, gw, gb, max_norm, scale, layout=self.layout)
+        with region(NORMS):
+            sq = self.sq_norms(method=path)
+        with region(CLIPPED_SUM):
+            self.accumulate(clip_factors(sq, max_norm, scale))
         return sq
 
 

@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 from . import fsdp, noise
 from .errors import ModelChangedError
 from .privatize import PrivacyState, state_of_parameter
+from .profiling import ALL_REDUCE, FINITE_CHECK, NOISE, SCALE, region
 
 __all__ = ["DPOptimizer"]
 
@@ -172,14 +173,16 @@ class DPOptimizer(Optimizer):
         dist = torch.distributed
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed and not self.privacy.grads_summed_by_ddp:
-            for p in params:
-                if not fsdp.is_sharded(p.grad):  # FSDP2 has summed the sharded ones in its reduce-scatter
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            with region(ALL_REDUCE):
+                for p in params:
+                    if not fsdp.is_sharded(p.grad):  # FSDP2 has summed the sharded ones in its reduce-scatter
+                        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         grads = [g for g, _ in shards]
         device = grads[0].device if grads else torch.device("cpu")
-        finite = self._all_finite(grads)
-        if distributed and sharded:  # each rank checked its shards only: skip together or not at all
-            finite = fsdp.all_ranks(finite, device)
+        with region(FINITE_CHECK):
+            finite = self._all_finite(grads)
+            if distributed and sharded:  # each rank checked its shards only: skip together or not at all
+                finite = fsdp.all_ranks(finite, device)
         if not finite:
             bad = [names[id(p)] for p, g in zip(params, grads, strict=True) if not torch.isfinite(g).all()]
             where = f"in {bad[:5]}{'...' if len(bad) > 5 else ''}" if bad else "in another rank's shards"
@@ -191,16 +194,18 @@ class DPOptimizer(Optimizer):
             return None
         if self.noise_multiplier != 0:
             keys = self.noise_keys()
-            if distributed:  # rank 0's keys: every rank adds the same noise to the same sums, noise once in all
-                keys = noise.broadcast_keys(keys, device)
-            self.add_noise(params, keys)
+            with region(NOISE):
+                if distributed:  # rank 0's keys: every rank adds the same noise to the same sums, noise once in all
+                    keys = noise.broadcast_keys(keys, device)
+                self.add_noise(params, keys)
         # The noise (one Philox pass, ~10x faster than torch.normal on 2 cores), the finite check and this
         # division are one pass over the gradients each, small next to a step. The division stays a pass of its
         # own: folding it into the noise pass (p + σC/B·z + (1/B − 1)·p) would cost up to B·2^-24 relative error
         # on p/B. Most of what remains between a DP step and a non-DP one is the ghost norms' Gram products in
         # backward (bench/RESULTS.md).
         if grads:
-            torch._foreach_div_(grads, self.expected_batch_size)
+            with region(SCALE):
+                torch._foreach_div_(grads, self.expected_batch_size)
         self.inner.step()
         self.steps += 1
         if self.accountant is not None:
