@@ -13,6 +13,7 @@ share of the non-DP step, and the ops whose time differs most between the two me
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +24,7 @@ REGION_PREFIX = "flashdp."
 TOP_DIFFERENCES = 15
 
 
-def profile_steps(step, n: int, device: str) -> dict:
+def profile_steps(step: Callable[[], object], n: int, device: str) -> dict:
     """Run ``step`` ``n`` times under torch.profiler; per step: wall ms, and per op self ms and calls
     (``region`` ops: inclusive ms of a flashdp region)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
