@@ -57,11 +57,13 @@ def merge_profiles(profiles: list[dict]) -> dict:
     ops = {}
     for name in names:
         present = [p["ops"][name] for p in profiles if name in p["ops"]]
-        op = {"region": present[0]["region"],
-              "ms": summarize([p["ops"].get(name, {}).get("ms", 0.0) for p in profiles]),
-              "calls": max(o["calls"] for o in present)}
+
+        def over_rounds(key: str, name: str = name) -> dict:
+            return summarize([p["ops"].get(name, {}).get(key, 0.0) for p in profiles])
+
+        op = {"region": present[0]["region"], "ms": over_rounds("ms"), "calls": max(o["calls"] for o in present)}
         if "device_ms" in present[0]:
-            op["device_ms"] = summarize([p["ops"].get(name, {}).get("device_ms", 0.0) for p in profiles])
+            op["device_ms"] = over_rounds("device_ms")
         ops[name] = op
     return {"steps": profiles[0]["steps"], "step_ms": summarize([p["step_ms"] for p in profiles]), "ops": ops}
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field
 
 import torch
@@ -102,8 +103,12 @@ class Use:
 
     def clip_and_accumulate(self, max_norm: float, scale: float) -> Tensor:
         """Single-use fast path: clip with threshold ``max_norm`` and accumulate; return raw squared norms."""
+        return self.norms_then_clip(self.sq_norms, max_norm, scale)
+
+    def norms_then_clip(self, sq_norms: Callable[[], Tensor], max_norm: float, scale: float) -> Tensor:
+        """``sq_norms()``, then the clipped sum with those norms, each in its profiler region; returns the norms."""
         with region(NORMS):
-            sq = self.sq_norms()
+            sq = sq_norms()
         with region(CLIPPED_SUM):
             self.accumulate(clip_factors(sq, max_norm, scale))
         return sq

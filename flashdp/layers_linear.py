@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memtrain.kernels.dp_clip_accumulate import clip_factors, dp_clip_accumulate_
+from memtrain.kernels.dp_clip_accumulate import dp_clip_accumulate_
 from memtrain.kernels.dp_clip_once import dp_clip_once_
 from memtrain.kernels.dp_linear_norms import Gram, dp_linear_norms, ghost_is_cheaper, gram
 
 from .dispatch import UNSET, choose_path, cuda_once_serves, log_choice
 from .groups import Component, Use, grad_buffer
 from .layers_common import LayerCall, autocast_inputs, layer_call, trainable
-from .profiling import CLIP_ONCE, CLIPPED_SUM, NORMS, region
+from .profiling import CLIP_ONCE, region
 from .registry import register_layer
 
 __all__ = ["DPConv1DMixin", "DPLinear", "DPLinearFunction", "LinearUse"]
@@ -115,11 +115,7 @@ class LinearUse(Use):
             gb = grad_buffer(self.bias) if self.bias is not None else None
             with region(CLIP_ONCE):
                 return dp_clip_once_(self.G, self.X, gw, gb, max_norm, scale, layout=self.layout)
-        with region(NORMS):
-            sq = self.sq_norms(method=path)
-        with region(CLIPPED_SUM):
-            self.accumulate(clip_factors(sq, max_norm, scale))
-        return sq
+        return self.norms_then_clip(lambda: self.sq_norms(method=path), max_norm, scale)
 
 
 class DPLinearFunction(torch.autograd.Function):
