@@ -7,11 +7,12 @@ Definition (``DPOptimizer`` and any sharded caller must follow it exactly):
 - stream ``s_p``: the position of parameter p among the model's trainable parameters in
   ``model.named_parameters()`` order, a tied parameter counted once (``PrivacyState.stream_ids``);
 - element ``i``: the row-major index into the whole (unsharded) parameter;
-- noise ``n_p[i] = σ · C_g · z(k_t, s_p, i)`` with C_g the threshold of p's clip group and ``z`` memtrain's
+- noise ``n_p[i] = s · z(k_t, s_p, i)`` with ``s = σ · C_total`` (``DPOptimizer.group_noise_std``: the same std
+  for every parameter, C_total = √(Σ_l C_l²) over the released clip groups) and ``z`` memtrain's
   Philox4x32-10 normal (``memtrain.kernels.zo_perturb``; NumPy reference ``memtrain.testing.philox_noise_numpy``),
   added in fp32 to the clipped sum, once per logical step, before the division by the expected batch size.
 - ``secure_mode``: four fresh 64-bit keys ``k_1..k_4`` from the OS CSPRNG (``secrets``) per step and
-  ``n_p[i] = σ · C_g · (z(k_1, s_p, i) + z(k_2, s_p, i) + z(k_3, s_p, i) + z(k_4, s_p, i)) / 2``, the
+  ``n_p[i] = s · (z(k_1, s_p, i) + z(k_2, s_p, i) + z(k_3, s_p, i) + z(k_4, s_p, i)) / 2``, the
   sum-of-four-normals construction of Holohan & Braghin 2021 (as Opacus), in one fused pass; not
   reproducible from the seed, by design.
 

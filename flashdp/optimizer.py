@@ -8,14 +8,21 @@
 2. skip the step with a warning if any gradient is NaN/inf (nothing is applied, no noise drawn), found
    with one device-to-host synchronisation for all parameters (and, with sharded gradients, one
    all-reduce of a flag, so that every rank skips together);
-3. ``p.grad += σ·C_l·z`` for each trainable parameter p, ``C_l`` the threshold of p's clip group and z the
+3. ``p.grad += σ·C_total·z`` for every trainable parameter p (:meth:`DPOptimizer.group_noise_std`), where
+   ``C_total = √(Σ_l C_l²)`` over the clip groups whose gradients this optimizer releases and z the
    counter-based normal of :mod:`flashdp.noise` indexed by (step key, p's stream id, element index):
    fp32, one fused pass per parameter, added once per ``step`` whatever the number of backward passes
    since the last one (gradient accumulation adds it once). Under torch.distributed rank 0's step keys
    are broadcast and every rank adds the same noise to its identical sums; a shard adds its part of the
    unsharded tensor's noise (the element index is its global offset plus the local index);
 4. ``p.grad /= expected_batch_size`` (Poisson sampling: the expected, not the realised, batch size);
-5. the inner optimizer steps; the accountant, if any, records the step.
+5. the inner optimizer steps; the accountant, if any, records the step with σ.
+
+Why σ·C_total on every coordinate: with per-layer clipping a sample's whole clipped gradient is bounded by
+the vector (C_1, …, C_L), so the clipped sum has L2 sensitivity C_total. A Gaussian mechanism with std s_l on
+group l has the effective noise multiplier 1/√(Σ_l (C_l/s_l)²); it equals σ (the multiplier the accountant is
+told) exactly when s_l = σ·C_total for every l. Per-group std σ·C_l would give σ/√L (Opacus's per-layer
+optimizer uses the same rule; with the default thresholds C_l = C/√L, C_total = C).
 
 ``param_groups`` and ``state`` are the inner optimizer's own objects, so LR schedulers and
 ``state_dict`` work as with the inner optimizer; ``state_dict`` also carries (seed, step count), which is
@@ -61,7 +68,8 @@ class DPOptimizer(Optimizer):
 
     Args:
         optimizer: the inner optimizer over the model's parameters.
-        noise_multiplier: σ ≥ 0; the noise std of group l is σ·C_l.
+        noise_multiplier: σ ≥ 0, the multiplier the accountant is stepped with; every coordinate of every
+            released gradient gets noise of std σ·C_total (:attr:`noise_std`), C_total = √(Σ_l C_l²).
         expected_batch_size: the expected number of samples per logical step (> 0).
         max_grad_norm: C; defaults to make_private's, a different value is an error.
         model: the private model (optional: found from the parameters).
@@ -106,6 +114,7 @@ class DPOptimizer(Optimizer):
         self.sample_rate = sample_rate
         self.steps = 0
         self.skipped_steps = 0
+        self._total_cache: float | None = None  # C_total while add_noise runs (see group_noise_std)
         self._seed = seed if seed is not None else int(torch.initial_seed()) % (2**63)
         fsdp.configure(state)  # fully_shard applied after make_private: sum from the first backward on
         # Shared, not copied: schedulers and users editing param_groups edit the inner optimizer's.
@@ -134,20 +143,52 @@ class DPOptimizer(Optimizer):
         """The Philox keys of the step about to be applied (four fresh CSPRNG keys in secure mode)."""
         return noise.noise_keys(self._seed, self.steps, self.secure_mode)
 
+    def released_threshold(self) -> float:
+        """C_total = √(Σ_l C_l²) over the clip groups holding at least one parameter this optimizer releases.
+
+        The L2 sensitivity of the clipped sum the optimizer releases: a sample changes group l's clipped sum by at
+        most C_l, whichever of the group's parameters are trainable. A group with no released parameter (frozen
+        after make_private, or held by another optimizer) contributes nothing to what this optimizer releases, so
+        it is not counted (Opacus's per-layer rule: the thresholds of the parameters the optimizer holds); it is
+        counted again as soon as one of its parameters is released (computed at each step, never cached across
+        steps: a group unfrozen later cannot be left out).
+        """
+        names = self.privacy.param_names
+        released = {names[id(p)] for p in self._dp_params() if id(p) in names}
+        return math.sqrt(sum(g.max_norm ** 2 for g in self.privacy.groups
+                             if any(n in released for n in g.param_names)))
+
+    def group_noise_std(self, name: str) -> float:
+        """The noise std added to every coordinate of parameter ``name``'s gradient: σ·C_total, the same for
+        every group (see the module docstring for why not σ·C_l)."""
+        if name not in self.privacy.stream_of:
+            raise KeyError(f"flashdp.DPOptimizer.group_noise_std: {name!r} is not a trainable parameter of the "
+                           f"private model (known: {list(self.privacy.stream_of)[:5]}...)")
+        total = self._total_cache if self._total_cache is not None else self.released_threshold()
+        return self.noise_multiplier * total
+
+    @property
+    def noise_std(self) -> float:
+        """σ·C_total: the std of the noise on every coordinate of every released gradient (before ÷ B)."""
+        return self.noise_multiplier * self.released_threshold()
+
     @torch.no_grad()
     def add_noise(self, params: list[torch.Tensor], keys: list[int] | None = None) -> None:
-        """``p.grad += σ·C_l·z(keys, stream_p, i)`` for each parameter (see :mod:`flashdp.noise`); a sharded
-        gradient adds the part of the unsharded tensor's noise its shard holds."""
+        """``p.grad += group_noise_std(p)·z(keys, stream_p, i)`` for each parameter (see :mod:`flashdp.noise`); a
+        sharded gradient adds the part of the unsharded tensor's noise its shard holds."""
         if self.noise_multiplier == 0:
             return
         if keys is None:
             keys = self.noise_keys()
         names = self.privacy.param_names
-        for p in params:
-            name = names[id(p)]
-            local, offset = fsdp.local_shard(p.grad)
-            noise.add_noise_(local, keys, self.noise_multiplier * self.privacy.threshold_of[name],
-                             self.privacy.stream_of[name], offset=offset)
+        self._total_cache = self.released_threshold()  # one pass over the parameters per step, not one per parameter
+        try:
+            for p in params:
+                name = names[id(p)]
+                local, offset = fsdp.local_shard(p.grad)
+                noise.add_noise_(local, keys, self.group_noise_std(name), self.privacy.stream_of[name], offset=offset)
+        finally:
+            self._total_cache = None
 
     # -- step ----------------------------------------------------------------------------------------------
     def step(self, closure=None):

@@ -10,7 +10,9 @@ What it changes in the Trainer:
 - the model is made private (``make_private(model, dp_max_grad_norm)``) unless it already is;
 - ``create_optimizer`` wraps the Trainer's usual optimizer (AdamW from the arguments) in
   ``DPOptimizer`` with an accountant; ``dp_target_epsilon`` instead of ``dp_noise_multiplier`` calibrates
-  σ for the planned number of epochs;
+  σ for the planned number of epochs; σ is the whole mechanism's noise multiplier (DPOptimizer adds std
+  σ·C_total on every coordinate, C_total = √(Σ_l C_l²) the sensitivity of the clipped sum), so the ε the
+  accountant reports for σ is the ε of the released updates;
 - the training data loader draws Poisson batches (``poisson_loader``) with sample rate
   ``q = per_device_train_batch_size / len(train_dataset)``; the expected batch size divides the noisy
   sum, not the realised one. An empty batch skips forward and backward; the optimizer still steps

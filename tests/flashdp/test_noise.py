@@ -84,29 +84,28 @@ def test_noise_is_the_documented_philox_stream():
     model = Net()
     sigma, B, seed = 1.3, 7, 1234
     steps, state = _noisy_steps(model, sigma, B, seed, 2)
-    c_l = 2.0 / math.sqrt(3)  # groups: emb+head (tied), ln, mid
+    c_total = 2.0  # groups: emb+head (tied), ln, mid, each C/√3: C_total = √(3·C²/3) = C = 2
     assert {state.param_names[k]: v for k, v in state.stream_ids.items()} == STREAMS
     for t, got in enumerate(steps):
         for name, g in got.items():
-            want = sigma * c_l * _z([_step_key(seed, t)], STREAMS[name], g.numel()).reshape(g.shape)
+            want = sigma * c_total * _z([_step_key(seed, t)], STREAMS[name], g.numel()).reshape(g.shape)
             err = (g.numpy() - want).__abs__().max()
-            assert err <= _tol(sigma * c_l), (t, name, err)
+            assert err <= _tol(sigma * c_total), (t, name, err)
 
 
-def test_noise_uses_each_groups_threshold():
-    """Overridden thresholds: the noise std of group g is σ·C_g (not the default C/√L) for each group."""
+def test_noise_is_calibrated_to_the_whole_sensitivity_with_overridden_thresholds():
+    """Overridden thresholds: every group's noise std is σ·C_total, C_total = √(Σ_g C_g²) (not σ·C_g)."""
     torch.manual_seed(0)
     model = Net()
     sigma, B, seed = 0.8, 5, 99
     overrides = {"ln": 0.05, "head": 3.0}  # 'head' names the tied emb+head group
     (got,), state = _noisy_steps(model, sigma, B, seed, 1, group_max_grad_norms=overrides)
-    c = {"emb.weight": 3.0, "ln.weight": 0.05, "ln.bias": 0.05,
-         "mid.weight": 2.0 / math.sqrt(3), "mid.bias": 2.0 / math.sqrt(3)}
     assert sorted(g.max_norm for g in state.groups) == sorted([3.0, 0.05, 2.0 / math.sqrt(3)])
+    c_total = math.sqrt(3.0**2 + 0.05**2 + 4.0 / 3)
     for name, g in got.items():
         z = _z([_step_key(seed, 0)], STREAMS[name], g.numel()).reshape(g.shape)
-        err = np.abs(g.numpy() - sigma * c[name] * z).max()
-        assert err <= _tol(sigma * c[name]), (name, err)
+        err = np.abs(g.numpy() - sigma * c_total * z).max()
+        assert err <= _tol(sigma * c_total), (name, err)
 
 
 def test_secure_mode_is_four_csprng_keyed_normals_over_two(monkeypatch):
@@ -124,12 +123,12 @@ def test_secure_mode_is_four_csprng_keyed_normals_over_two(monkeypatch):
     sigma, B = 1.1, 3
     steps, _ = _noisy_steps(model, sigma, B, 5, 2, secure=True)
     assert len(drawn) == 8  # 4 keys per step, fresh each step
-    c_l = 2.0 / math.sqrt(3)
+    c_total = 2.0
     for t, got in enumerate(steps):
         for name, g in got.items():
-            want = sigma * c_l * _z(drawn[4 * t:4 * t + 4], STREAMS[name], g.numel()).reshape(g.shape) / 2
+            want = sigma * c_total * _z(drawn[4 * t:4 * t + 4], STREAMS[name], g.numel()).reshape(g.shape) / 2
             # four |Δz| <= 2e-6, halved; fp32 roundings: 4 in the fused sum, 2 as in _tol, each <= 2^-24·(4·6/2)·std
-            tol = sigma * c_l * (4 * 2e-6 / 2 + 6 * 2**-24 * 12)
+            tol = sigma * c_total * (4 * 2e-6 / 2 + 6 * 2**-24 * 12)
             assert np.abs(g.numpy() - want).max() <= tol, (t, name)
 
 

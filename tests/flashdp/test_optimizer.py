@@ -1,7 +1,6 @@
 """DPOptimizer: trajectory against a textbook DP-SGD step, noise level, accumulation, schedulers, state."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -40,7 +39,7 @@ def test_noise_level_and_once_per_logical_step():
     flashdp.make_private(model, C)
     opt = flashdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=sigma,
                               expected_batch_size=B, seed=1)
-    c_l = C / math.sqrt(2)
+    c_total = C  # two groups at the default C/√2 each: C_total = √(2·C²/2) = C
     x = torch.zeros(3, 20)  # zero model and input: the clipped sums are 0, the update is the noise
     for p in model.parameters():
         p.data.zero_()
@@ -50,7 +49,7 @@ def test_noise_level_and_once_per_logical_step():
     opt.step()
     upd = torch.cat([(b - p.detach()).flatten() for p, b in zip(model.parameters(), before, strict=True)])
     std = upd.std().item() * B
-    assert std == pytest.approx(sigma * c_l, rel=0.05)  # noise added once (5 times would be √5 larger)
+    assert std == pytest.approx(sigma * c_total, rel=0.05)  # noise added once (5 times would be √5 larger)
 
 
 def test_noise_std_statistics():
