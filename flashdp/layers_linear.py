@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memtrain.kernels.dp_clip_accumulate import dp_clip_accumulate_
+from memtrain.kernels.dp_clip_accumulate import accum_dtype, dp_clip_accumulate_
 from memtrain.kernels.dp_clip_once import dp_clip_once_
 from memtrain.kernels.dp_linear_norms import Gram, dp_linear_norms, ghost_is_cheaper, gram
 
@@ -81,7 +81,7 @@ class LinearUse(Use):
                 self._log(method, f"{self._describe()}; tied group: {method} norms + Gram cross terms")
             xg = _x_gram(self.X, self.call.scratch()) if method == "ghost" and self.call is not None else None
             return dp_linear_norms(self.G, self.X, with_bias=self.bias is not None, method=method, x_gram=xg)
-        return self.G.sum(1, dtype=torch.float32).square().sum(1)
+        return self.G.sum(1, dtype=accum_dtype(self.G.dtype)).square().sum(1)
 
     def accumulate(self, coef: Tensor) -> None:
         fresh = self.weight is not None and self.weight.grad is None
@@ -97,7 +97,7 @@ class LinearUse(Use):
             left, right = (self.G, self.X) if self.layout == "out_in" else (self.X, self.G)
             out.append(Component(self.weight, "factored", left=left, right=right))
         if self.bias is not None:
-            out.append(Component(self.bias, "dense", data=self.G.sum(1, dtype=torch.float32)))
+            out.append(Component(self.bias, "dense", data=self.G.sum(1, dtype=accum_dtype(self.G.dtype))))
         return out
 
     def clip_and_accumulate(self, max_norm: float, scale: float) -> Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memtrain.kernels.dp_clip_accumulate import accum_dtype
+
 from .fsdp import is_sharded
 from .groups import Component, Use, grad_buffer
 from .layers_common import LayerCall, layer_call, trainable
@@ -37,7 +39,7 @@ class NormUse(Use):
 
     def accumulate(self, coef: Tensor) -> None:
         for p, g in self.pairs:
-            grad_buffer(p).add_((coef.float() @ g).view_as(p).to(p.dtype))
+            grad_buffer(p).add_((coef.to(g.dtype) @ g).view_as(p).to(p.dtype))
 
     def components(self) -> list[Component]:
         return [Component(p, "dense", data=g) for p, g in self.pairs]
@@ -49,8 +51,9 @@ def _rows(t: Tensor, n: int, B: int) -> Tensor:
 
 
 def _per_sample(G: Tensor, xhat: Tensor, n: int, B: int) -> Tensor:
-    """Σ over all non-batch, non-normalised positions of G ⊙ x̂: (B, n) fp32."""
-    return _rows(G.float() * xhat.float(), n, B).sum(1)  # the product needs fp32 under bf16: no dtype= here
+    """Σ over all non-batch, non-normalised positions of G ⊙ x̂: (B, n) in fp32 (fp64 for float64 inputs)."""
+    acc = accum_dtype(torch.promote_types(G.dtype, xhat.dtype))
+    return _rows(G.to(acc) * xhat.to(acc), n, B).sum(1)  # the product needs fp32 under bf16: no dtype= here
 
 
 class DPLayerNormFunction(torch.autograd.Function):
@@ -79,7 +82,7 @@ class DPLayerNormFunction(torch.autograd.Function):
         if wp is not None:
             pairs.append((wp, _per_sample(G, (x - mean) * rstd, n, B)))
         if bp is not None:
-            pairs.append((bp, _rows(G, n, B).sum(1, dtype=torch.float32)))
+            pairs.append((bp, _rows(G, n, B).sum(1, dtype=accum_dtype(G.dtype))))
         if pairs:
             ctx.call.add_use(NormUse(pairs))
         return grad_x, None, None, None, None, None
@@ -119,8 +122,9 @@ class DPRMSNormFunction(torch.autograd.Function):
         dims = tuple(range(-len(shape), 0))
         if eps is None:
             eps = torch.finfo(x.dtype).eps
+        compute = torch.float32 if kind == "hf" else accum_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            h = x.to(torch.float32)
+            h = x.to(compute)
             r = torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
             if kind == "hf":
                 y = weight * (h * r).to(x.dtype)
@@ -134,14 +138,14 @@ class DPRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G):
         x, weight, r = ctx.saved_tensors
-        xhat = x.to(torch.float32) * r
+        xhat = x.to(r.dtype) * r
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g = G.to(torch.float32) * weight.to(torch.float32)
+            g = G.to(r.dtype) * weight.to(r.dtype)
             grad_x = (r * (g - xhat * (g * xhat).mean(ctx.dims, keepdim=True))).to(x.dtype)
         if ctx.weight_p is not None:
             n = math.prod(ctx.shape)
-            xh = xhat.to(x.dtype) if x.dtype != torch.float32 else xhat  # the x̂ the weight multiplied
+            xh = xhat.to(x.dtype) if x.dtype != r.dtype else xhat  # the x̂ the weight multiplied
             ctx.call.add_use(NormUse([(ctx.weight_p, _per_sample(G, xh, n, ctx.call.batch_size))]))
         return grad_x, None, None, None, None, None
 

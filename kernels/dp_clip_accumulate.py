@@ -116,9 +116,16 @@ def _autotuned(sixteen_bit: bool):
         _dp_clip_accumulate_kernel)
 
 
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of ``dtype`` values accumulate in: float64 for float64, float32 for everything else (16-bit
+    inputs must not accumulate in their own dtype; a float64 model must not lose its precision to fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _bias_sum(G: Tensor, coef: Tensor) -> Tensor:
-    """fp32 ``Σ_b coef_b Σ_t G_b[t]`` without an fp32 copy of G."""
-    return coef.float() @ G.sum(1, dtype=torch.float32)
+    """``Σ_b coef_b Σ_t G_b[t]`` in ``accum_dtype(G.dtype)``, without a widened copy of G."""
+    acc = accum_dtype(G.dtype)
+    return coef.to(acc) @ G.sum(1, dtype=acc)
 
 
 def _dp_clip_accumulate_triton(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tensor | None,
@@ -208,7 +215,7 @@ def _dp_clip_accumulate_torch(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tensor
         else:
             grad_w.add_(torch.mm(a, b))
     if grad_b is not None:
-        gsum = g2.sum(0, dtype=torch.float32) if scale_g else _bias_sum(G, coef)
+        gsum = g2.sum(0, dtype=accum_dtype(g2.dtype)) if scale_g else _bias_sum(G, coef)
         grad_b.add_(gsum.to(grad_b.dtype))
 
 

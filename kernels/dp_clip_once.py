@@ -32,7 +32,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .dp_clip_accumulate import clip_factors
+from .dp_clip_accumulate import accum_dtype, clip_factors
 
 __all__ = ["cuda_once_fits", "cuda_once_reason", "cuda_once_status", "dp_clip_once_", "prepare"]
 
@@ -160,7 +160,8 @@ def _dp_clip_once_torch(G: Tensor, X: Tensor, grad_w: Tensor | None, grad_b: Ten
     """Chunks of samples whose per-sample gradients (chunk × out × in) fit ``budget`` bytes."""
     B, _, d_out = G.shape
     d_in = X.shape[2]
-    sq = torch.zeros(B, dtype=torch.float32, device=G.device)
+    acc = accum_dtype(G.dtype)  # float64 inputs keep float64 norms and sums (fp32 norms of a double tensor raise)
+    sq = torch.zeros(B, dtype=acc, device=G.device)
     step = _chunk(d_in * d_out * G.element_size(), budget)
     for s in range(0, B, step):
         g = G[s:s + step]
@@ -169,8 +170,8 @@ def _dp_clip_once_torch(G: Tensor, X: Tensor, grad_w: Tensor | None, grad_b: Ten
         pf = p.flatten(1)
         # Norms of rows, then a (pairwise) sum of their squares: torch's fp32 vector_norm over a whole
         # 2048x2048 sample drifts by ~3e-4 relative on CPU; over rows it stays within ~1e-7.
-        sq_c = torch.linalg.vector_norm(p, dim=2, dtype=torch.float32).square().sum(1)
-        gb = g.sum(1, dtype=torch.float32) if grad_b is not None else None
+        sq_c = torch.linalg.vector_norm(p, dim=2, dtype=acc).square().sum(1)
+        gb = g.sum(1, dtype=acc) if grad_b is not None else None
         if gb is not None:
             sq_c += gb.square().sum(1)
         coef = clip_factors(sq_c, max_norm, scale)
@@ -207,7 +208,7 @@ def dp_clip_once_(G: Tensor, X: Tensor, grad_w: Tensor | None, grad_b: Tensor | 
         scale: loss-reduction scale: sample b's gradient is ``scale · G_bᵀX_b``.
 
     Returns:
-        (B,) fp32 raw squared norms ``‖G_bᵀX_b‖² (+ bias)``.
+        (B,) raw squared norms ``‖G_bᵀX_b‖² (+ bias)``, fp32 (fp64 for float64 inputs).
     """
     if (G.device.type == "cuda" and grad_w is not None and grad_w.dtype == torch.float32 and grad_w.is_contiguous()
             and X.dtype == G.dtype

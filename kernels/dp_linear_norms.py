@@ -175,7 +175,7 @@ def _common_dtype(G: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _bias_sq_norms(G: Tensor) -> Tensor:
-    return G.sum(1, dtype=torch.float32).square().sum(1)
+    return G.sum(1, dtype=torch.float64 if G.dtype == torch.float64 else torch.float32).square().sum(1)
 
 
 def _dp_linear_norms_triton(G: Tensor, X: Tensor, with_bias: bool, method: str,

@@ -1,0 +1,78 @@
+"""Conformance checks a DP library is held to, against references independent of flashdp's code.
+
+- σ = 0 and thresholds nothing reaches: every gradient equals the plain autograd gradient of an unmodified
+  float64 copy, to float64 rounding (not fp32's), on every clipping path, biases and norm weights included.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import flashdp
+from flashdp import dispatch
+
+U64 = 2.0**-53  # float64 unit roundoff
+
+
+class _AllLayers(nn.Module):
+    """An embedding tied to the head, LayerNorm, torch RMSNorm, Linears with and without bias; odd sizes."""
+
+    def __init__(self, V=23, d=13, h=17):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.ln = nn.LayerNorm(d)
+        self.up = nn.Linear(d, h)
+        self.rms = nn.RMSNorm(h)
+        self.down = nn.Linear(h, d)  # d_out < d_in and the reverse in `up`: both bias-sum branches
+        self.head = nn.Linear(d, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.ln(self.emb(ids))
+        return self.head(x + self.down(torch.tanh(self.rms(self.up(x)))))
+
+
+def _loss(model, ids):
+    return nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.roll(1, 1).flatten())
+
+
+@pytest.mark.parametrize("path", [None, "ghost", "direct", "once"])
+def test_float64_unreached_thresholds_give_plain_gradients_to_float64_rounding(path):
+    torch.manual_seed(0)
+    B, T = 5, 7
+    model = _AllLayers().double()
+    ids = torch.randint(0, 23, (B, T))
+    plain = copy.deepcopy(model)  # unmodified: the reference is torch's own autograd
+    _loss(plain, ids).backward()
+    flashdp.make_private(model, 1e12)  # no sample's group norm comes near C/√L: every clip factor is 1
+    with dispatch.force_path(path):
+        _loss(model, ids).backward()
+    want = {n: p.grad * B for n, p in plain.named_parameters()}  # a sample's gradient: its contribution × B
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == torch.float64, n
+        # Both are float64 sums of the same B·T·d products in different orders: each sum's rounding is at most
+        # (number of terms)·u relative to the sum of the terms' magnitudes; fp32 accumulation (the defect this
+        # guards against) would leave ~2^-24 ≈ 6e-8 relative.
+        terms = B * T * 23
+        scale = want[n].abs().max().item()
+        err = (p.grad - want[n]).abs().max().item()
+        assert err <= terms * U64 * 8 * scale, (n, err / scale)
+
+
+def test_float64_once_path_under_a_reached_threshold_matches_per_sample_loop(ref):
+    """The "once" path on float64 tensors (it called fp32 norms on them) clips like the per-sample loop."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4).double()
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    want, _, _ = ref.per_sample_clipped_sum(model, lambda m, b: m(x[b:b + 1]).sum() * 3, 3, 0.5,
+                                            dtype=torch.float64)
+    flashdp.make_private(model, 0.5, loss_reduction="sum")
+    with dispatch.force_path("once"):
+        (model(x).sum() * 3).backward()
+    for n, p in model.named_parameters():
+        # clipped: the factor comes from a float64 norm; 30 products summed per entry, float64 rounding
+        torch.testing.assert_close(p.grad, want[n], rtol=64 * U64 * 30, atol=0)
