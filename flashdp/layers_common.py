@@ -8,8 +8,9 @@ layer needs, so a layer author cannot forget part of it:
 2. the batch-dimension check (inputs must be batch-first), with an error naming the layer;
 3. ``note_forward(call)`` on the layer's clip group, so a group used several times (tied weights, a module
    called twice) waits for all its uses before clipping; skipping it would silently clip each use alone;
-4. the number of samples in the input (an input of k·B rows under a model batch of B is the batch
-   flattened sample-major), and the layer's name for messages.
+4. the number of samples in the input (a flat input of k·B rows under a model batch of B is the batch
+   flattened sample-major; a sequence-first or any other input whose dim 0 is not B is refused), and the
+   layer's name for messages.
 
 The layer passes ``call`` to its autograd Function; in backward it hands the clip group its
 :class:`~flashdp.groups.Use` with ``call.add_use(use)`` and reshapes tensors per sample with
@@ -49,9 +50,42 @@ def _no_batch_dim(t: Tensor, where: str) -> FlashDPError:
     )
 
 
+def _check_flattened_batch(x: Tensor, min_dim: int, batch: int, where: str) -> None:
+    """Refuse an input whose dim 0 is not the model's batch unless it is the batch flattened into rows.
+
+    Only an input with no dim to spare (``x.dim() == min_dim``: a Linear's (rows, d)) can be the batch flattened
+    sample-major (``x.reshape(-1, d)`` of a batch-first tensor, as OPT's decoder layers do). Anything with more
+    dims and another dim 0 (a sequence-first (T, B, d) tensor, whatever T is) is refused, and so is a flattened
+    view whose base tensor has another dim 0: a layout is never guessed from a row count, since clipping rows of
+    several samples together breaks the per-sample bound.
+    """
+    base = x._base
+    if x.dim() > min_dim:
+        found = f"an input of shape {tuple(x.shape)}"
+    elif base is not None and base.dim() > min_dim and base.shape[0] != batch:
+        found = f"a view of shape {tuple(x.shape)} of a tensor of shape {tuple(base.shape)}"
+    else:
+        return
+    raise FlashDPError(
+        f"flashdp: {where} got {found} while the model's batch has {batch} samples; dim 0 of every DP layer's "
+        "input must be the sample dimension. Sequence-first (T, B, ...) inputs are refused, never clipped: use "
+        "batch_first=True or x.transpose(0, 1); a flattened batch must be x.reshape(-1, d) of a batch-first "
+        "tensor.")
+
+
 def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Cast floating tensors to the autocast dtype when autocast is on for their device (as F.linear would)."""
-    first = next(t for t in tensors if t is not None)
+    """Cast floating tensors to the autocast dtype when autocast is on for their device (as F.linear would).
+
+    Raises:
+        FlashDPError: the tensors are on different devices (a model on one device, its input on another).
+    """
+    present = [t for t in tensors if t is not None]
+    first = present[0]
+    other = next((t for t in present[1:] if t.device != first.device), None)
+    if other is not None:
+        raise FlashDPError(
+            f"flashdp: the layer's input is on {first.device} and its parameters on {other.device}; move the "
+            f"input to the model's device (x.to({str(other.device)!r})) or the model to the input's.")
     dev = first.device.type
     if not torch.is_autocast_enabled(dev):
         return tensors
@@ -135,6 +169,8 @@ def layer_call(module: nn.Module, x: Tensor, params: tuple[Tensor | None, ...] |
     lead = x.shape[0]
     model_batch = runtime.model_batch()
     broadcast = allow_broadcast and lead == 1 and model_batch is not None and model_batch > 1
+    if not broadcast and model_batch and lead != model_batch:
+        _check_flattened_batch(x, min_dim, model_batch, where)
     batch = model_batch if broadcast else runtime.sample_count(lead, where)
     call = LayerCall(group, where, batch, broadcast, dispatch.captured_override())
     group.note_forward(call)

@@ -14,6 +14,7 @@ from torch import nn
 
 import flashdp
 from flashdp import dispatch
+from flashdp.errors import FlashDPError
 
 U64 = 2.0**-53  # float64 unit roundoff
 
@@ -76,3 +77,51 @@ def test_float64_once_path_under_a_reached_threshold_matches_per_sample_loop(ref
     for n, p in model.named_parameters():
         # clipped: the factor comes from a float64 norm; 30 products summed per entry, float64 rounding
         torch.testing.assert_close(p.grad, want[n], rtol=64 * U64 * 30, atol=0)
+
+
+class _SeqFirst(nn.Module):
+    """Takes a batch-first (B, T, d) batch and runs its Linear sequence-first, as a (T, B, d) tensor."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.fc, self.how = nn.Linear(4, 3), how
+
+    def forward(self, x):
+        h = x.transpose(0, 1)
+        if self.how == "view":  # flattened time-major: row count T·B, a multiple of B
+            h = h.contiguous().view(-1, 4)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("how", ["3d", "view"])
+def test_sequence_first_input_is_refused_whatever_its_row_count(how):
+    """T = 6 is a multiple of B = 3: the rows would pass a row-count check, and be clipped across samples."""
+    model = flashdp.make_private(_SeqFirst(how), 1.0)
+    with pytest.raises(FlashDPError, match=r"fc got .*\(6, 3, 4\).*batch has 3 samples.*Sequence-first"):
+        model(torch.randn(3, 6, 4)).sum().backward()
+
+
+def test_batch_flattened_sample_major_is_still_accepted(ref):
+    """x.reshape(-1, d) of a batch-first tensor (OPT's decoder layers): B samples of T rows each."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x.reshape(-1, 4))
+
+    torch.manual_seed(0)
+    model = Flat()
+    x = torch.randn(3, 6, 4)
+    want, _, _ = ref.per_sample_clipped_sum(model, lambda m, b: m(x[b:b + 1].double()).sum() * 3, 3, 0.3)
+    flashdp.make_private(model, 0.3)
+    model(x).sum().backward()
+    ref.assert_grads_close(model, want, rtol=1e-5, atol=1e-6)  # fp32 sums of 18 rows: ~18·2^-24 relative
+
+
+def test_model_and_input_on_different_devices_names_both():
+    model = flashdp.make_private(nn.Linear(4, 3), 1.0)
+    with pytest.raises(FlashDPError, match=r"input is on meta and its parameters on cpu.*move the input"):
+        model(torch.randn(2, 4, device="meta"))
