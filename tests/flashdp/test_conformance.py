@@ -1,7 +1,14 @@
 """Conformance checks a DP library is held to, against references independent of flashdp's code.
 
 - σ = 0 and thresholds nothing reaches: every gradient equals the plain autograd gradient of an unmodified
-  float64 copy, to float64 rounding (not fp32's), on every clipping path, biases and norm weights included.
+  float64 copy, to float64 rounding (not fp32's), on every clipping path, biases and norm weights included;
+- a sequence-first (T, B, d) input is refused, never clipped across samples by a layout guessed from a row
+  count; a model/input device mix names both devices;
+- micro-batches accumulate to one batch, divided by the expected (not the realised) batch size;
+- torch.compile of a private model clips as the per-sample loop does.
+
+Per-layer clipping, tied groups, bf16 and the accountant's published values are checked in test_models.py,
+test_layers_*.py and test_accounting.py.
 """
 
 from __future__ import annotations
@@ -125,3 +132,44 @@ def test_model_and_input_on_different_devices_names_both():
     model = flashdp.make_private(nn.Linear(4, 3), 1.0)
     with pytest.raises(FlashDPError, match=r"input is on meta and its parameters on cpu.*move the input"):
         model(torch.randn(2, 4, device="meta"))
+
+
+def _small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 2))
+
+
+def _mean_loss(m, x):
+    return m(x).pow(2).sum(1).mean()
+
+
+def test_accumulated_micro_batches_equal_one_batch_divided_by_the_expected_size(ref):
+    """Micro-batches of 2 and 5 samples (each its own mean loss), one step: the update is −lr·Σ_b clip(g_b)/E
+    over all 7 samples with E = 9 the expected batch size, not the realised 7 (Poisson sampling)."""
+    model = _small()
+    x = torch.randn(7, 4) * 3
+    want, norms, _ = ref.per_sample_clipped_sum(model, lambda m, b: _mean_loss(m, x[b:b + 1].double()), 7, 1.0)
+    assert any(n > 1 / 3**0.5 for row in norms for n in row)  # some samples are clipped (C_l = 1/√3)
+    before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    flashdp.make_private(model, 1.0)
+    opt = flashdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=0.0,
+                              expected_batch_size=9)
+    _mean_loss(model, x[:2]).backward()
+    _mean_loss(model, x[2:]).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        # fp32 against float64: the clipped sums of 7 samples, a few fp32 roundings each (≈ 7·4·2^-24 relative)
+        torch.testing.assert_close(p.detach().double(), before[n] - 0.5 * want[n] / 9, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_matches_per_sample_loop(ref, backend):
+    """torch.compile of a private model: the DP autograd Functions run inside the compiled graph's backward
+    (aot_eager traces them; inductor also generates code, minutes on a loaded CPU, so it is marked slow)."""
+    model = _small()
+    x = torch.randn(5, 4) * 3
+    want, _, _ = ref.per_sample_clipped_sum(model, lambda m, b: _mean_loss(m, x[b:b + 1].double()), 5, 1.0)
+    flashdp.make_private(model, 1.0)
+    compiled = torch.compile(model, backend=backend)
+    _mean_loss(compiled, x).backward()
+    ref.assert_grads_close(model, want, rtol=1e-5, atol=1e-6)  # fp32 sums of 5 clipped samples
