@@ -20,9 +20,9 @@
 
 Why σ·C_total on every coordinate: with per-layer clipping a sample's whole clipped gradient is bounded by
 the vector (C_1, …, C_L), so the clipped sum has L2 sensitivity C_total. A Gaussian mechanism with std s_l on
-group l has the effective noise multiplier 1/√(Σ_l (C_l/s_l)²); it equals σ (the multiplier the accountant is
-told) exactly when s_l = σ·C_total for every l. Per-group std σ·C_l would give σ/√L (Opacus's per-layer
-optimizer uses the same rule; with the default thresholds C_l = C/√L, C_total = C).
+group l has the effective noise multiplier 1/√(Σ_l (C_l/s_l)²); with s_l = σ·C_total for every l it is σ, the
+multiplier the accountant is told (Opacus's per-layer rule; with the default thresholds C_l = C/√L,
+C_total = C, the noise of flat clipping at C). Per-group std σ·C_l would give σ/√L, whatever the thresholds.
 
 ``param_groups`` and ``state`` are the inner optimizer's own objects, so LR schedulers and
 ``state_dict`` work as with the inner optimizer; ``state_dict`` also carries (seed, step count), which is
