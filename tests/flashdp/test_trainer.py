@@ -106,3 +106,13 @@ def test_target_epsilon_calibrates_sigma_once(tmp_path, make_llama, monkeypatch)
         acct.step(noise_multiplier=sigma, sample_rate=8 / N)
     # Opacus's search stops within its epsilon_tolerance (0.01) below the target
     assert 3.0 - 0.01 <= acct.get_epsilon(delta=1e-5) <= 3.0
+    # The optimizer the trainer builds adds std σ·C_total (= σ·C with the default thresholds) on every coordinate,
+    # so the calibrated σ is the mechanism's multiplier: measured on zero clipped sums (no backward).
+    opt = trainer.create_optimizer()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    opt.step()
+    noise = torch.cat([p.grad.flatten() for p in params]).double() * opt.expected_batch_size
+    n = noise.numel()
+    # the sample std of n normals is within 5 standard errors (1/√(2n) relative) with probability 1 − 6e-7
+    assert noise.std().item() == pytest.approx(sigma * 1.0, rel=5 / (2 * n) ** 0.5)
+    assert opt.noise_std == pytest.approx(sigma * 1.0, rel=1e-12)
