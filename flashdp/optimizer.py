@@ -146,8 +146,14 @@ class DPOptimizer(Optimizer):
         for p in params:
             name = names[id(p)]
             local, offset = fsdp.local_shard(p.grad)
-            noise.add_noise_(local, keys, self.noise_multiplier * self.privacy.threshold_of[name],
-                             self.privacy.stream_of[name], offset=offset)
+            noise.add_noise_(local, keys, self.group_noise_std(name), self.privacy.stream_of[name], offset=offset)
+
+    def group_noise_std(self, name: str) -> float:
+        """Noise std of every coordinate of parameter ``name``: σ·C_total, C_total = √(Σ_l C_l²) over the clip
+        groups of trainable parameters (the sensitivity of the whole clipped sum, not of p's group alone)."""
+        live = self.privacy.stream_of
+        c_total = math.sqrt(sum(g.max_norm ** 2 for g in self.privacy.groups if any(n in live for n in g.param_names)))
+        return self.noise_multiplier * c_total
 
     # -- step ----------------------------------------------------------------------------------------------
     def step(self, closure=None):
