@@ -164,7 +164,6 @@ def one_run_audit(model: nn.Module, data: Iterable[Any], loss_fn: Callable[[nn.M
     gen = torch.Generator().manual_seed(seed)
     cans = make_canaries(state, canaries, gen)
     guess(torch.zeros(canaries), k_plus, k_minus)  # validates k± before training
-    eps_acct = accountant_epsilon(noise_multiplier, steps, delta, accountant)
     included = torch.rand(canaries, generator=gen) < 0.5
     params = state.parameters()
     before = {n: p.detach().clone() for n, p in params.items()}
@@ -180,6 +179,7 @@ def one_run_audit(model: nn.Module, data: Iterable[Any], loss_fn: Callable[[nn.M
     truth = torch.where(included, 1, -1).to(torch.int8)
     correct = int(((guesses != 0) & (guesses == truth)).sum())
     bound = epsilon_lower_bound(canaries, k_plus + k_minus, correct, delta, confidence)
+    eps_acct = accountant_epsilon(noise_multiplier, steps, delta, accountant)
     return AuditResult(bound, eps_acct, confidence, delta, canaries, k_plus, k_minus, correct, steps,
                        float(noise_multiplier), CANARY_SAMPLE_RATE, accountant, len(cans.thresholds), cans.norm)
 
