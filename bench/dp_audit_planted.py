@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     DPOptimizer.group_noise_std = PLANTS[plant](orig)
     try:
         args = cli.parse_args(["dp-audit", *rest])
-        record = cli.run_dp_audit(args, ["dp-audit", *rest], planted=plant)
+        record = cli.run_dp_audit(args, None, planted=plant)  # the record's command: this script's, as run
     finally:
         DPOptimizer.group_noise_std = orig
     print(f"PLANTED BUG {plant!r}: a self-test of the audit, not flashdp's mechanism "
