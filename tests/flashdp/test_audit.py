@@ -106,6 +106,7 @@ def test_more_canaries_than_a_group_has_coordinates_share_them_cyclically():
     cans = make_canaries(flashdp.privacy_state(model), 300, torch.Generator().manual_seed(0))
     head = cans.placements["head.weight"]  # 128 coordinates
     assert head.canary.numel() == 300 and head.index.unique().numel() == 128
+    assert torch.bincount(head.index).max() == 3  # ⌈300/128⌉: spread evenly, not piled on one coordinate
     blk = cans.placements["blocks.0.weight"]  # 1024 coordinates: all distinct
     assert blk.index.unique().numel() == 300
 
