@@ -3,8 +3,8 @@
 The model is a residual MLP classifier (an input layer, ``--blocks`` residual blocks of a bias-free
 ``Linear(width, width)`` and tanh, a head): ``--blocks`` + 2 clip groups. The data is a synthetic task with
 real batches: 4 Gaussian classes in 32 dimensions, Poisson-sampled (``flashdp.poisson_loader``). The defaults
-(18 clip groups, σ = 20, 100 steps, 1000 canaries) run in well under a minute on 2 CPU cores; the accountant's ε
-for the canaries is about 2 at δ = 1e-5. With every group given σ·C_l instead of σ·C_total (the noise bug the
+(18 clip groups, σ = 20, 100 steps, 1000 canaries) run in minutes on CPU; the accountant's ε for the canaries is
+2.00 at δ = 1e-5. With every group given σ·C_l instead of σ·C_total (the noise bug the
 audit's tests plant, an effective multiplier σ/√18), the lower bound exceeds it.
 """
 
