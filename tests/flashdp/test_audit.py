@@ -200,3 +200,7 @@ def test_audit_over_seeds_and_a_longer_run(monkeypatch, seed):
     assert audit(steps=50, seed=seed).exceeds_accountant
     monkeypatch.setattr(DPOptimizer, "group_noise_std", skip_group_bug(orig))
     assert audit(steps=50, seed=seed).exceeds_accountant
+
+
+def test_flashdp_audit_is_reachable_from_the_package():
+    assert flashdp.audit.one_run_audit is one_run_audit
