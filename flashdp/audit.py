@@ -208,4 +208,4 @@ def _train(model: nn.Module, data: Iterable[Any], loss_fn: Callable, cans: Canar
         if opt.skipped_steps:
             raise ValueError("flashdp.audit.one_run_audit: a step was skipped for NaN/inf gradients; the audit "
                              "needs every step applied (lower lr, or check the loss)")
-    return {n: start[n] - p.detach().to(torch.float64) for n, p in params.items()}
+    return {n: (start[n] - p.detach().to(torch.float64)).cpu() for n, p in params.items()}

@@ -74,7 +74,7 @@ class Canaries:
         total = torch.zeros(n_groups, dtype=torch.float64)
         count = torch.zeros(n_groups, dtype=torch.float64)
         for name, pl in self.placements.items():
-            d = delta[name].detach().reshape(-1).to(torch.float64)
+            d = delta[name].detach().reshape(-1).to("cpu", torch.float64)
             part[pl.group].index_add_(0, pl.canary, d[pl.index] * pl.value.sign())
             sq[pl.group] += d.square().sum()
             total[pl.group] += d.sum()
