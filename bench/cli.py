@@ -8,6 +8,7 @@
     memtrain-bench plan --world-size 8 --shard fsdp --batch 8 --seq 2048 --dtype bfloat16   # per device, at scale
     memtrain-bench kernels zo_perturb --numel 1000000          # a kernel micro-benchmark (``kernels`` lists them)
     memtrain-bench gpu-check --out bench-runs/gpu-check        # the GPU verification (< 8 min on one H100/H200)
+    memtrain-bench dp-audit                                    # one-run privacy audit: ε lower bound vs accountant
 
 Methods run in one process, interleaved round by round (``--rounds``, 7 by default); times are the
 median and p20/p80 of the round samples. Each run writes ``results.json`` (command, date, environment
@@ -26,7 +27,8 @@ import sys
 
 import torch
 
-from ._harness import provenance, write_json
+from . import dp_audit
+from ._harness import print_table, provenance, write_json
 from .catalogue import COMMANDS, METHODS, TOOLS
 from .plan_scale import OPTIMIZER_STATE_BYTES, SCALE_MODELS, SHARDS, scale_plans
 from .planner import DTYPE_BYTES, PlanInput, model_shape
@@ -122,7 +124,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("script", nargs="?", help="e.g. zo_perturb (python -m memtrain.bench.kernels.bench_zo_perturb)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (NAME --help for its options)")
     _gpu_check_parser(sub)
+    dp_audit.add_parser(sub)
     args = ap.parse_args(argv)
+    if args.command == "dp-audit":
+        problems = dp_audit.check_args(args)
+        if problems:
+            ap.error("; ".join(problems))
+        return args
     if args.command == "gpu-check":
         from .gpu_check import SECTIONS
 
@@ -273,12 +281,32 @@ def run_kernels(args: argparse.Namespace) -> None:
         sys.argv = saved
 
 
+def run_dp_audit(args: argparse.Namespace, argv: list[str] | None, planted: str | None = None) -> dict:
+    """Audit one run, print the lower bound beside the accountant's ε, write ``results.json`` into ``--out``.
+
+    ``planted`` names a noise bug a self-test planted (``bench/dp_audit_planted.py``); the record carries it."""
+    head = provenance("cpu", argv)
+    result = dp_audit.run_audit(args)
+    print(result)
+    print_table("dp-audit", ["ε lower bound", "accountant ε", "confidence", "δ", "m", "k+", "k-", "correct"],
+                [[result.epsilon_lower_bound, result.accountant_epsilon, result.confidence, result.delta,
+                  result.canaries, result.k_plus, result.k_minus, result.correct]])
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "command")}
+    record = {"schema": SCHEMA, **head, "subcommand": "dp-audit", "config": config, "planted_bug": planted,
+              "audit": result.as_json()}
+    write_json("results", record, _out_dir(args) / "results.json")
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``memtrain-bench``); returns None so that the exit status is 0 (gpu-check exits 1
     when a section failed)."""
     args = parse_args(argv)
     if args.command == "kernels":
         run_kernels(args)
+        return
+    if args.command == "dp-audit":
+        run_dp_audit(args, argv)
         return
     if args.command == "gpu-check":
         from .gpu_check import run_gpu_check

@@ -49,10 +49,12 @@ _LAZY = {"DPTrainer": "flashdp.trainer", "DPTrainingArguments": "flashdp.trainer
 
 
 def __getattr__(name: str):
-    """The Trainer integration (importing transformers' Trainer takes seconds) and the torch.distributed.checkpoint
-    state (not every torch build has torch.distributed) are imported on first use."""
-    if name in _LAZY:
-        import importlib
+    """The Trainer integration (importing transformers' Trainer takes seconds), the torch.distributed.checkpoint
+    state (not every torch build has torch.distributed) and ``flashdp.audit`` (scipy) are imported on first use."""
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "audit":
+        return importlib.import_module("flashdp.audit")
     raise AttributeError(f"module 'flashdp' has no attribute {name!r}")
