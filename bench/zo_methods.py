@@ -7,6 +7,8 @@
 - ``zo2``: ``zo2.ZOSGD`` (three fused passes, noise generated inside the kernel, never stored).
 - ``zo2-offload``, ``zo2-offload-amp``: the same step with the transformer blocks streamed through the
   device by ``zo2.offload`` (AMP: blocks computed in bf16, or fp16 on GPUs without bf16).
+- ``dpzo``, ``dpzo-offload``: ``zo2.DPZOSGD``, the private step (per-sample losses, clipped and noised
+  loss differences; docs/dpzo.md) in place and offloaded: the same passes as ``zo2`` plus B scalars.
 - ``forward``: two forward passes, the floor of any two-point zeroth-order step (not in the default set).
 
 Each method is one :class:`~memtrain.bench.methods.Method`: its set-up and its memory plan side by side.
@@ -90,6 +92,24 @@ def _zo2(w: Workload) -> Runner:
     return Runner(lambda: float(opt.step(closure)))
 
 
+def _dp_optimizer(w: Workload) -> zo2.DPZOSGD:
+    return zo2.DPZOSGD(w.params, lr=LR, eps=EPS, max_grad_norm=1.0, noise_multiplier=1.0,
+                       expected_batch_size=w.ids.shape[0], seed=0)
+
+
+def _per_sample_closure(w: Workload):
+    def closure() -> torch.Tensor:
+        return zo2.per_sample_lm_loss(w.model(input_ids=w.ids).logits, w.ids)
+
+    return closure
+
+
+def _dpzo(w: Workload) -> Runner:
+    w.model.eval()
+    opt, closure = _dp_optimizer(w), _per_sample_closure(w)
+    return Runner(lambda: float(opt.step(closure)))
+
+
 def _forward(w: Workload) -> Runner:
     w.model.eval()
     closure = _closure(w)
@@ -122,13 +142,13 @@ def transfer_timer(engine) -> dict:
     return {"transfers": lambda: float(engine.time_transfers())}
 
 
-def _offload(amp: bool):
+def _offload(amp: bool, private: bool = False):
     def setup(w: Workload) -> Runner:
         w.model.eval()
-        opt = zo2.ZOSGD(w.params, lr=LR, eps=EPS, seed=0)
+        opt = _dp_optimizer(w) if private else zo2.ZOSGD(w.params, lr=LR, eps=EPS, seed=0)
         engine = zo2.offload(w.model, opt, device=w.device, amp=amp_mode(w.device) if amp else None,
                              prefetch=w.options.get("prefetch", 1), verbose=False)
-        closure = _closure(w)
+        closure = _per_sample_closure(w) if private else _closure(w)
 
         def close() -> None:
             opt.flush()
@@ -155,6 +175,10 @@ ZO_METHODS: dict[str, Method] = {m.name: m for m in (
     Method("zo2-offload", "zo2 + offload", _offload(False), lambda i: offload_parts(i, amp=False), host_model=True),
     Method("zo2-offload-amp", "zo2 + offload + AMP", _offload(True), lambda i: offload_parts(i, amp=True),
            host_model=True),
+    # B per-sample losses per half beside zo2's state: the same plan
+    Method("dpzo", "zo2.DPZOSGD (private)", _dpzo, forward_only_parts),
+    Method("dpzo-offload", "zo2.DPZOSGD + offload", _offload(False, private=True),
+           lambda i: offload_parts(i, amp=False), host_model=True),
     Method("forward", "two forward passes", _forward, forward_only_parts),
 )}
 DEFAULT_ZO = ["adamw", "sgd", "mezo", "zo2", "zo2-offload", "zo2-offload-amp"]

@@ -57,3 +57,12 @@ def test_dp_llama_finetune_example_lowers_the_perplexity(tmp_path):
     assert m["perplexity_before"] > 0.5 * m["vocab_size"], m  # a random model: close to uniform
     assert m["perplexity_after"] <= 0.85 * m["perplexity_before"], m
     assert 0 < m["epsilon"] <= m["target_epsilon"] * 1.01, m  # the privacy budget was respected
+
+
+def test_dpzo_finetune_example_lowers_the_loss_at_epsilon_3(tmp_path):
+    """200 private zeroth-order steps at ε = 3 (δ = 1e-5) take the held-out loss from the uniform ln 64 = 4.16
+    to at most 4.0 (the run measured: 3.77; without an update it stays at 4.156)."""
+    m = run_example("dpzo_finetune.py", "--steps", "200", "--target-epsilon", "3", tmp_path=tmp_path)
+    assert m["steps"] == 200 and m["loss_before"] > 4.1, m
+    assert m["loss_after"] <= 4.0, m
+    assert 0 < m["epsilon"] <= m["target_epsilon"] * 1.01, m  # the privacy budget was respected

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from zo2.blocks import find_blocks, resident_modules
-from zo2.checks import dropout_error, loss_value, record_active_dropout
+from zo2.checks import dropout_error, record_active_dropout
 from zo2.halves import HalfAborted, HalfScheduler, HalfWorkers, ThreadState
 from zo2.optimizer import ZOSGD, Closure
 from zo2.plan import AMP_DTYPES, check_fits, plan_offload
@@ -159,7 +159,7 @@ class OffloadEngine:
     def in_step(self) -> bool:
         return self.scheduler is not None
 
-    def run_halves(self, record: StepRecord, closures: Sequence[Closure], check_dropout: bool) -> list[float]:
+    def run_halves(self, record: StepRecord, closures: Sequence[Closure], check_dropout: bool) -> list[object]:
         """Run ``record``'s 2K halves in lock-step through the blocks (:class:`zo2.optimizer.StepEngine`)."""
         if self.in_step:
             raise RuntimeError("zo2.offload: opt.step was called from inside a closure of the running step")
@@ -185,7 +185,7 @@ class OffloadEngine:
                 raise errors[0]
             if found:
                 raise dropout_error(found)
-            losses = [loss_value(v) for _, v in results]
+            losses = [v for _, v in results]  # checked by the optimizer (a scalar, or DPZOSGD's per-sample losses)
             if self.streamer.resident_slot:
                 raise RuntimeError(f"zo2.offload: blocks {sorted(self.streamer.resident_slot)} still resident after "
                                    "the step")

@@ -55,10 +55,11 @@ class NonFiniteLossWarning(RuntimeWarning):
 class StepEngine(Protocol):
     """What :class:`ZOSGD` needs from an engine that runs its steps (``zo2.offload``'s engine)."""
 
-    def run_halves(self, record: StepRecord, closures: Sequence[Closure], check_dropout: bool) -> list[float]:
+    def run_halves(self, record: StepRecord, closures: Sequence[Closure], check_dropout: bool) -> list[object]:
         """Run the 2K halves of ``record`` (half h at its perturbation, calling ``closures[h // 2]``) and
-        return their losses in half order, not reduced over ranks. On an error, leave every tensor
-        restored (``record.discard()``) and raise. The update is applied once ``record`` is finished."""
+        return what the closures returned in half order (the optimizer checks them), not reduced over ranks.
+        On an error, leave every tensor restored (``record.discard()``) and raise. The update is applied once
+        ``record`` is finished."""
         ...
 
     def flush(self) -> None:
@@ -271,7 +272,13 @@ class ZOSGD(torch.optim.Optimizer):
         q = self.num_perturbations
         per_direction = [closures[d // q] for d in range(len(record.seeds))]
         if self._engine is not None:
-            losses = self._engine.run_halves(record, per_direction, self.check_dropout)
+            results = self._engine.run_halves(record, per_direction, self.check_dropout)
+            try:
+                losses = [self.half_loss(v) for v in results]
+            except BaseException:
+                record.discard()  # a bad closure result: restore without an update, now
+                self._engine.flush()
+                raise
             return self.finish_step(record, self.reduce_losses(losses))
         return self._step_in_place(record, per_direction)
 
@@ -298,13 +305,13 @@ class ZOSGD(torch.optim.Optimizer):
                 found: list[str] = []
                 if self.check_dropout and half == 0:
                     with record_active_dropout(found):
-                        loss = loss_value(closures[0]())
+                        loss = self.half_loss(closures[0]())
                     if found:
                         raise dropout_error(found)
                 else:
-                    loss = loss_value(closures[half // 2]())
+                    loss = self.half_loss(closures[half // 2]())
                 losses.append(loss)
-                if alone and not math.isfinite(loss):
+                if alone and not _finite(loss):
                     break
             losses = self.reduce_losses(losses)
         except BaseException:
@@ -317,6 +324,10 @@ class ZOSGD(torch.optim.Optimizer):
         reshard()
         move(targets, state, None, {})  # restore and update (restore only for a skipped step)
         return result
+
+    def half_loss(self, result: object) -> object:
+        """What one half's closure returned, checked: the scalar loss as a float (DPZOSGD: per-sample losses)."""
+        return loss_value(result)
 
     def flush(self) -> None:
         """Make the parameters hold their trained values. Without offloading they always do when ``step``
@@ -369,6 +380,10 @@ class ZOSGD(torch.optim.Optimizer):
 
 def _nothing() -> None:
     pass
+
+
+def _finite(loss: float | torch.Tensor) -> bool:
+    return bool(torch.isfinite(loss).all()) if isinstance(loss, torch.Tensor) else math.isfinite(loss)
 
 
 def _closures(closure: Closure | None, accumulate: Sequence[Closure] | None) -> list[Closure]:

@@ -26,18 +26,28 @@ How it hooks into the Trainer (the least it overrides):
   places blocks itself.
 - Under ``torchrun`` (world size > 1) ZOSGD gets ``process_group=True``: each rank runs its shard and the
   losses are averaged, so every rank applies the same update (all ranks need the same ``args.seed``).
+- Private training (``dp_noise_multiplier`` or ``dp_target_epsilon`` set; docs/dpzo.md): the optimizer is
+  ``zo2.DPZOSGD`` with ``dp_max_grad_norm``, an accountant (``dp_accountant``) and the Poisson sample rate
+  ``q = per_device_train_batch_size / len(train_dataset)``; the training data come from flashdp's Poisson
+  loader; each closure returns per-sample losses from the model's logits (``zo2.per_sample_lm_loss``, or
+  ``dp_per_sample_loss(model, inputs)`` for another task); ε at ``dp_delta`` is logged with the loss.
+  Gradient accumulation and several processes are refused (a Poisson batch is one logical step).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
 
+from zo2.dp_optimizer import DPZOSGD
 from zo2.optimizer import ZOSGD
+from zo2.per_sample_loss import per_sample_lm_loss
 
 __all__ = ["ZOStepAdapter", "ZOTrainer", "ZOTrainingArguments"]
 
@@ -55,6 +65,17 @@ class ZOTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "keyword arguments of zo2.offload (e.g. {'device': 'cuda', 'amp': 'bf16'}); "
                                         "None trains the model where it is"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "must stay 0: a ZO step has no gradient to clip"})
+    dp_noise_multiplier: float | None = field(default=None, metadata={"help": "σ: train privately with DPZOSGD"})
+    dp_target_epsilon: float | None = field(default=None, metadata={"help": "or calibrate σ for this ε at dp_delta"})
+    dp_max_grad_norm: float = field(default=1.0, metadata={"help": "C: bound on each sample's loss difference / 2ε"})
+    dp_delta: float = field(default=1e-5, metadata={"help": "δ at which ε is reported"})
+    dp_accountant: str = field(default="prv", metadata={"help": "'prv' or 'rdp' (Opacus's accountants)"})
+    dp_clipping: str = field(default="joint", metadata={"help": "'joint' or 'aggregate' (DP-AggZO); docs/dpzo.md"})
+
+    @property
+    def private(self) -> bool:
+        """Whether the run is private (a ``dp_noise_multiplier`` or a ``dp_target_epsilon`` is given)."""
+        return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
 
     @property
     def place_model_on_device(self) -> bool | None:
@@ -149,6 +170,58 @@ class ZOTrainer(Trainer):
         if isinstance(self.optimizer, ZOSGD):
             self.optimizer = self._adapt(self.optimizer)
         self._micro_batches: list[dict[str, Any]] = []
+        self.accountant = None
+        if getattr(self.args, "private", False):
+            self._check_private()
+
+    # ----------------------------------------------------------------------------------------- privacy
+    def _check_private(self) -> None:
+        from flashdp.accounting import PrivacyAccountant
+
+        a = self.args
+        if a.dp_noise_multiplier is not None and a.dp_target_epsilon is not None:
+            raise ValueError("ZOTrainer: give one of dp_noise_multiplier and dp_target_epsilon, not both")
+        if a.gradient_accumulation_steps != 1:
+            raise ValueError("ZOTrainer: private training needs gradient_accumulation_steps=1 (a Poisson batch is one "
+                             "logical step); raise per_device_train_batch_size instead (a ZO step's memory is that "
+                             "of inference)")
+        if a.world_size > 1:
+            raise ValueError("ZOTrainer: private training runs in one process here; for several ranks use "
+                             "zo2.DPZOSGD(..., process_group=True) in your own loop (docs/dpzo.md)")
+        if self.train_dataset is None:
+            raise ValueError("ZOTrainer: private training needs a train_dataset (its size sets the sample rate)")
+        self.accountant = PrivacyAccountant(a.dp_accountant)
+        self.sample_rate = min(1.0, a.per_device_train_batch_size / len(self.train_dataset))
+
+    @property
+    def noise_multiplier(self) -> float:
+        """σ: ``dp_noise_multiplier``, or calibrated to ``dp_target_epsilon`` over the planned steps (flashdp's
+        calibration, Opacus's search)."""
+        from flashdp.accounting import get_noise_multiplier
+
+        a = self.args
+        if a.dp_noise_multiplier is not None:
+            return float(a.dp_noise_multiplier)
+        steps = a.max_steps if a.max_steps and a.max_steps > 0 else math.ceil(a.num_train_epochs / self.sample_rate)
+        key = (a.dp_target_epsilon, a.dp_delta, self.sample_rate, steps, a.dp_accountant)
+        if getattr(self, "_calibrated", (None,))[0] != key:
+            self._calibrated = (key, get_noise_multiplier(target_epsilon=a.dp_target_epsilon, target_delta=a.dp_delta,
+                                                          sample_rate=self.sample_rate, steps=steps,
+                                                          mechanism=a.dp_accountant))
+        return self._calibrated[1]
+
+    def epsilon(self) -> float:
+        """ε spent so far at ``args.dp_delta`` (private runs only)."""
+        if self.accountant is None:
+            raise RuntimeError("ZOTrainer.epsilon: this run is not private (set dp_noise_multiplier or "
+                               "dp_target_epsilon)")
+        return self.accountant.epsilon(self.args.dp_delta)
+
+    def dp_per_sample_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """Per-sample losses (B,) of a causal LM: the logits of the inputs without labels, then
+        :func:`zo2.per_sample_lm_loss`. Override for another task."""
+        features = {k: v for k, v in inputs.items() if k != "labels"}
+        return per_sample_lm_loss(model(**features).logits, inputs["labels"])
 
     # ----------------------------------------------------------------------------------------- options
     @property
@@ -187,8 +260,17 @@ class ZOTrainer(Trainer):
             if not params:
                 raise ValueError("ZOTrainer: the model has no trainable parameter (requires_grad=True)")
             o = self.zo_options
-            zo = ZOSGD(params, lr=self.args.learning_rate, eps=o["eps"], weight_decay=self.args.weight_decay,
-                       seed=self.args.seed, num_perturbations=o["num_perturbations"], distribution=o["distribution"])
+            if self.accountant is not None:
+                a = self.args
+                zo = DPZOSGD(params, lr=a.learning_rate, eps=o["eps"], weight_decay=a.weight_decay, seed=a.seed,
+                             num_perturbations=o["num_perturbations"], distribution=o["distribution"],
+                             max_grad_norm=a.dp_max_grad_norm, noise_multiplier=self.noise_multiplier,
+                             expected_batch_size=a.per_device_train_batch_size, accountant=self.accountant,
+                             sample_rate=self.sample_rate, clipping=a.dp_clipping)
+            else:
+                zo = ZOSGD(params, lr=self.args.learning_rate, eps=o["eps"], weight_decay=self.args.weight_decay,
+                           seed=self.args.seed, num_perturbations=o["num_perturbations"],
+                           distribution=o["distribution"])
             self.optimizer = self._adapt(zo)
         elif isinstance(self.optimizer, ZOSGD):
             self.optimizer = self._adapt(self.optimizer)
@@ -204,10 +286,38 @@ class ZOTrainer(Trainer):
             return torch.zeros((), device=self.args.device)  # the window's mean loss is returned at its end
         batches, self._micro_batches = self._micro_batches, []
         model.eval()  # the two forward passes must see the same function: no dropout
+        if self.accountant is not None:
+            (b,) = batches
+            loss = self.zo.step(self._private_closure(model, b))
+            self._adapter().pending_steps += 1
+            return loss.detach().to(self.args.device)
         # one closure per micro-batch: directions j·q .. j·q+q-1 are estimated on micro-batch j
         loss = self.zo.step(accumulate=[lambda b=b: self.compute_loss(model, b) for b in batches])
         self._adapter().pending_steps += 1
         return loss.detach().to(self.args.device)
+
+    def _private_closure(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Callable[[], torch.Tensor]:
+        """The per-sample losses of ``inputs``; an empty Poisson batch gives an empty vector (noise only)."""
+        labels = inputs.get("labels")
+        if labels is not None and labels.shape[0] == 0:
+            return lambda: torch.zeros(0)
+        return lambda: self.dp_per_sample_loss(model, inputs)
+
+    def get_train_dataloader(self) -> Any:
+        """Private runs: flashdp's Poisson-sampled batches (``len``: one expected epoch); else the Trainer's."""
+        if self.accountant is None:
+            return super().get_train_dataloader()
+        from flashdp.data import poisson_loader
+
+        g = torch.Generator().manual_seed(self.args.seed)
+        return poisson_loader(self.train_dataset, sample_rate=self.sample_rate, generator=g,
+                              collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Private runs: add the privacy spent so far (``dp_epsilon`` at ``dp_delta``) to the loss entries."""
+        if self.accountant is not None and ("loss" in logs or "train_loss" in logs):
+            logs = {**logs, "dp_epsilon": self.epsilon(), "dp_delta": self.args.dp_delta}
+        super().log(logs, *args, **kwargs)
 
     def _adapter(self) -> ZOStepAdapter:
         opt = self.optimizer

@@ -19,7 +19,7 @@ from memtrain.bench.run import RunConfig, run_comparison
 from memtrain.bench.zo_methods import ZO_METHODS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-OFFLOAD = {"zo2-offload", "zo2-offload-amp"}
+OFFLOAD = {"zo2-offload", "zo2-offload-amp", "dpzo-offload"}
 SMALL = ["--batch", "2", "--seq", "32", "--steps", "1", "--warmup", "1", "--no-plots"]
 
 
@@ -171,6 +171,14 @@ def test_a_raising_extra_timing_is_reported_and_the_step_times_stand():
     assert rec["transfers"]["failed_rounds"] == 2
 
 
+def test_dpzo_plans_the_memory_of_zo2(zo_record):
+    """The private step keeps B scalars per half beyond ZOSGD's state: the same memory plan."""
+    results = _by_method(zo_record)
+    for private, plain in (("dpzo", "zo2"), ("dpzo-offload", "zo2-offload")):
+        strip = lambda plan: {k: v for k, v in plan.items() if k != "method"}  # noqa: E731
+        assert strip(results[private]["plan"]) == strip(results[plain]["plan"])
+
+
 def test_offload_methods_record_the_engine_plan(zo_record):
     for name in OFFLOAD:
         plan = _by_method(zo_record)[name]["offload_plan"]
@@ -178,8 +186,8 @@ def test_offload_methods_record_the_engine_plan(zo_record):
 
 
 def test_every_method_has_one_definition_with_a_plan():
-    assert set(METHODS) == {"adamw", "sgd", "mezo", "zo2", "zo2-offload", "zo2-offload-amp", "forward", "nondp",
-                            "flashdp", "opacus", "opacus-ghost"}
+    assert set(METHODS) == {"adamw", "sgd", "mezo", "zo2", "zo2-offload", "zo2-offload-amp", "dpzo", "dpzo-offload",
+                            "forward", "nondp", "flashdp", "opacus", "opacus-ghost"}
     for name, m in METHODS.items():
         assert m.name == name and callable(m.setup) and callable(m.plan)
 
