@@ -8,9 +8,11 @@ exactly one half run at a time, in the order
 so every block is used by all halves while it is resident, and the closure keeps its ordinary form
 (``lambda: model(**batch).loss``): nothing in the model's forward code is replaced. A half hands the
 baton over when it enters the next block (a forward pre-hook calls :meth:`HalfScheduler.enter_block`)
-and when its closure returns. The caller's per-thread state (grad and inference mode, autocast, the
-CUDA device and stream, the default device, ``contextvars``) is captured at the start of the step and
-reproduced in each half (:class:`ThreadState`); torch modes, which cannot be, are refused.
+and when its closure returns; the scheduler's ``on_turn`` callback runs each time a half takes the
+baton (the offload engine moves the resident parameters to that half's perturbation there). The
+caller's per-thread state (grad and inference mode, autocast, the CUDA device and stream, the default
+device, ``contextvars``) is captured at the start of the step and reproduced in each half
+(:class:`ThreadState`); torch modes, which cannot be, are refused.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ class _HalfContext:
 class HalfScheduler:
     """The baton: slot (b, h) = (b + 1)·H + h, where b = -1 is the code before the first block."""
 
-    def __init__(self, num_halves: int, num_blocks: int) -> None:
+    def __init__(self, num_halves: int, num_blocks: int,
+                 on_turn: Callable[[int], None] | None = None) -> None:
         self.num_halves = num_halves
         self.num_blocks = num_blocks
+        self.on_turn = on_turn  # called with the half each time a half takes the baton, in its thread
         self._cond = threading.Condition()
         self._turn = 0
         self._aborted = False
@@ -63,6 +67,8 @@ class HalfScheduler:
                 self._cond.wait()
             if self._aborted:
                 raise HalfAborted()
+        if self.on_turn is not None:
+            self.on_turn(slot % self.num_halves)
 
     def _advance(self) -> None:
         with self._cond:
