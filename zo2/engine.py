@@ -247,6 +247,7 @@ class OffloadEngine:
     # ----------------------------------------------------------------------------- observation
     def _before_model(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._current_half() is not None:
+            self.scheduler.enter_model()
             if self._takes_use_cache and kwargs.get("use_cache") is not False:
                 # A KV cache would keep every block's keys and values on the device for each half.
                 return args, {**kwargs, "use_cache": False}

@@ -39,6 +39,7 @@ class ClosureProtocolError(RuntimeError):
 class _HalfContext:
     half: int
     last_block: int = -1
+    model_calls: int = 0  # calls of the model's forward in this half (the engine counts them)
 
 
 class HalfScheduler:
@@ -80,9 +81,20 @@ class HalfScheduler:
             self._aborted = True
             self._cond.notify_all()
 
+    def enter_model(self) -> None:
+        """The model's forward starts in this half (to tell a second call from a block reused inside one)."""
+        self._local.ctx.model_calls += 1
+
     def enter_block(self, block: int) -> None:
         """Hand the baton on, and wait until this half may run ``block``."""
         ctx: _HalfContext = self._local.ctx
+        if block <= ctx.last_block and ctx.model_calls <= 1:
+            raise ClosureProtocolError(
+                f"zo2.offload: the model's forward ran block {block} again after block {ctx.last_block} within one "
+                "call: it reuses its blocks (a looped or recurrent-depth model such as HRM or Dory). An offloaded "
+                "step streams each block through the device once per perturbation, so a block can run only once "
+                "per forward: pass blocks= a list of modules that the forward runs once each, in order, or keep "
+                "this model on the device (plain zo2.ZOSGD without offload)")
         if block != ctx.last_block + 1:
             what = ("ran the model a second time" if block <= ctx.last_block
                     else f"skipped block(s) {ctx.last_block + 1}..{block - 1}")
