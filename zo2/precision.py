@@ -185,6 +185,14 @@ class HostMasterPrecision(NativePrecision):
             r.lowp_key = None  # the kernels write through pointers: no version bump to rely on
         self.use_compute_copies()
 
+    def enter_residents(self, record: StepRecord, target: dict[int, float]) -> None:
+        """Each turn's low-precision copy is cast afresh from the clean fp32 master and perturbed once:
+        flipping the copy in place on every turn would round it H·(blocks + 1) times a step."""
+        for r in self.residents.values():
+            r.lowp.copy_(r.master)
+            self.resident_casts += 1
+            r.state = move(r.target(r.lowp), NoiseState(), record, target)
+
     def flush_residents(self) -> None:
         for r in self.residents.values():
             r.master_state = move(r.target(r.master), r.master_state, None, {})

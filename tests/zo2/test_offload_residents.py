@@ -121,3 +121,35 @@ def test_idle_parameters_move_under_amp():
         if name in idle:
             assert_close_verbose(p, plain_params[name], atol=1e-6, rtol=0, name=name)
             assert not torch.equal(p, before[name]), f"{name} was never updated"
+
+
+def test_amp_resident_copy_read_after_many_blocks_is_one_rounding_from_its_point():
+    """Under bf16 AMP the head tied to the embedding is read after every block of a half. Its bf16 copy
+    must be bf16(bf16(θ) ± ε·z) with z from the independent NumPy Philox, rounded once. A copy flipped in
+    place on each of the H·(blocks + 1) turns is rounded on every turn and drifts from it."""
+    from memtrain.testing import philox_noise_numpy
+
+    torch.manual_seed(2)
+    model = DirectReads(vocab=200, n_layers=12).eval()
+    opt = zo2.ZOSGD(model.parameters(), lr=1e-2, eps=1e-2, seed=9)
+    zo2.offload(model, opt, device="cpu", verbose=False, amp="bf16")
+    stream = next(i for i, (p, _) in enumerate(opt.unique_params()) if p is model.embed.weight)
+    master = model.embed.weight.detach().clone()  # fp32, clean θ before step 0
+    seen = []
+
+    def closure(ids, labels):
+        loss = model(ids, labels)
+        seen.append(model.embed.weight.detach().clone())  # after the blocks: the copy the head read
+        return loss
+
+    ids, labels = toy_batches(1)[0]
+    opt.step(lambda: closure(ids, labels))
+    z = torch.from_numpy(philox_noise_numpy(opt.seeds_for_step(0)[0], stream, master.numel())).view_as(master)
+    for half, sign in enumerate((1.0, -1.0)):
+        got = seen[half].double()
+        want = (master.to(torch.bfloat16).double() + sign * 1e-2 * z).to(torch.bfloat16).double()
+        assert seen[half].dtype == torch.bfloat16
+        # one rounding of the same value: equal unless the exact value lies within the kernel's fp32 error
+        # (~6e-8 relative) of a bf16 rounding midpoint, a chance of ~1e-5 per element (1600 elements here)
+        off = int((got != want).sum())
+        assert off <= 1, f"half {half}: {off} of {got.numel()} elements differ from one rounding of θ ± εz"
