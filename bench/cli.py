@@ -249,7 +249,7 @@ def run_measure(args: argparse.Namespace, out: pathlib.Path) -> dict:
     print_isolated(results)
     record: dict = {"results": results}
     if args.command == "zo":
-        record["comparisons"] = offload_comparisons(results)
+        record["comparisons"] = offload_comparisons(results, args.device)
         print_offload(record["comparisons"])
     else:
         record["comparisons"] = dp_comparisons(results)

@@ -79,7 +79,8 @@ def print_offload(comparisons: list[dict]) -> None:
         rows.append([c["model"], c["method"], f"{c['ratio']:.3f}",
                      "-" if rr is None else f"{rr['p20']:.3f}-{rr['p80']:.3f}",
                      _fmt(t.get("median"), 1e-3) if t.get("status") == "ok" else t.get("status"),
-                     "-" if c["hidden_share"] is None else f"{100 * c['hidden_share']:.1f}%"])
+                     ("n/a" if c.get("hidden_share_note") else "-") if c["hidden_share"] is None
+                     else f"{100 * c['hidden_share']:.1f}%"])
     if rows:
         print_table("offload: offloaded step / plain zo2 step; transfer time hidden = 1 - (offloaded - plain) / "
                     "transfers alone", ["model", "method", "ratio", "round ratios p20-p80", "transfers ms",

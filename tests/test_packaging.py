@@ -15,10 +15,55 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def test_no_top_level_kernels_package_from_this_checkout():
     spec = importlib.util.find_spec("kernels")
-    if spec is not None and spec.origin:
-        assert not pathlib.Path(spec.origin).resolve().is_relative_to(REPO), spec.origin
+    root_on_path = any(pathlib.Path(p or os.getcwd()).resolve() == REPO for p in sys.path)
+    if spec is not None and spec.origin and not root_on_path:  # from the root, the folder's shim is found
+        assert not pathlib.Path(spec.origin).resolve().is_relative_to(REPO / "kernels"), spec.origin
     kernels = importlib.import_module("memtrain.kernels")
     assert kernels.__name__ == "memtrain.kernels"
+
+
+def _from_root(*args: str) -> subprocess.CompletedProcess:
+    """``python *args`` with the checkout's root as the working directory (so first on ``sys.path``)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_from_the_root_kernels_is_hugging_faces_and_transformers_imports():
+    """The root's ``kernels/`` folder must not shadow Hugging Face's ``kernels``, which transformers imports."""
+    code = ("import os, kernels, memtrain.kernels\n"
+            "from transformers import OPTForCausalLM\n"
+            "print(os.path.realpath(kernels.__file__))\n"
+            "print(os.path.realpath(memtrain.kernels.__file__))\n")
+    out = _from_root("-c", code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    top, ours = out.stdout.split()
+    assert not pathlib.Path(top).is_relative_to(REPO / "kernels"), f"`import kernels` from the root gave {top}"
+    assert ours == str(REPO / "kernels" / "__init__.py")
+    hidden = _from_root("-c", "import kernels.philox")  # none of the folder's modules under that name
+    assert hidden.returncode != 0 and "No module named 'kernels.philox'" in hidden.stderr, hidden.stderr[-2000:]
+
+
+def test_from_the_root_without_hugging_faces_kernels_the_import_fails_cleanly():
+    code = ("import sys\n"
+            "sys.path = [p for p in sys.path if 'site-packages' not in p]\n"
+            "try:\n"
+            "    import kernels\n"
+            "except ModuleNotFoundError as e:\n"
+            "    assert e.name == 'kernels' and 'memtrain.kernels' in str(e), e\n"
+            "    assert 'kernels' not in sys.modules\n"
+            "else:\n"
+            "    raise SystemExit(f'imported {kernels.__file__}')\n")
+    out = _from_root("-c", code)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+
+
+# tests/zo2/conftest.py imports transformers, which imports `kernels`
+@pytest.mark.parametrize("args", [("-m", "pytest", "--collect-only", "-q", "tests/test_packaging.py",
+                                   "tests/zo2/test_step_loss.py"),
+                                  ("-m", "memtrain.bench", "--help")], ids=["pytest", "memtrain.bench"])
+def test_python_dash_m_from_the_root(args):
+    out = _from_root(*args)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("package", ["memtrain", "memtrain.kernels", "zo2", "flashdp"])

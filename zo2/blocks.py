@@ -1,6 +1,7 @@
 """Find the transformer block list of a model, the unit that zo2.offload streams through the device.
 
-Known Hugging Face layouts are tried first; otherwise the ``nn.ModuleList`` of at least two modules of
+Known Hugging Face layouts are tried first (their list may mix layer classes, as hybrid models such as
+Jamba interleave attention and Mamba layers); otherwise the ``nn.ModuleList`` of at least two modules of
 one class that holds the most parameters is taken. Everything outside the blocks (embeddings, final
 norm, LM head) stays resident on the device.
 """
@@ -30,9 +31,10 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _is_block_list(candidate: object) -> bool:
+def _is_block_list(candidate: object, mixed: bool = False) -> bool:
+    """A ModuleList of at least two modules holding parameters, all of one class unless ``mixed``."""
     return (isinstance(candidate, nn.ModuleList) and len(candidate) >= 2
-            and len({type(m) for m in candidate}) == 1 and _n_params(candidate) > 0)
+            and (mixed or len({type(m) for m in candidate}) == 1) and _n_params(candidate) > 0)
 
 
 def _path_of(model: nn.Module, target: nn.Module) -> str | None:
@@ -77,7 +79,7 @@ def find_blocks(model: nn.Module, blocks: str | Sequence[nn.Module] | None = Non
             found = model.get_submodule(path)
         except AttributeError:
             continue
-        if _is_block_list(found):
+        if _is_block_list(found, mixed=True):  # hybrids (Jamba, OLMo-hybrid) mix layer classes
             return path, list(found)
     candidates = [(name, m) for name, m in model.named_modules() if _is_block_list(m)]
     if not candidates:

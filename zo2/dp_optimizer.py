@@ -192,11 +192,14 @@ class DPZOSGD(ZOSGD):
             sums = (d * (c / norms.clamp(min=c))).sum(1)
         return sums, halves.shape[-1], float(halves[:, 0].mean(0).sum())
 
-    def finish_step(self, record: StepRecord, losses: Sequence[torch.Tensor]) -> torch.Tensor:
+    def finish_step(self, record: StepRecord, losses: Sequence[torch.Tensor],
+                    like: tuple[torch.dtype, torch.device] | None = None) -> torch.Tensor:
         """Count the step of ``record`` from the halves' per-sample losses (L+_0, L-_0, L+_1, ...; the list may
         stop at the first non-finite one): clip, sum over the samples (and ranks), add the noise once, divide by
         the expected batch size, and set ``record.diffs`` for ZOSGD's finish pass. A non-finite loss on any
-        rank skips the step on all of them: the parameters are restored, the accountant is not stepped."""
+        rank skips the step on all of them: the parameters are restored, the accountant is not stepped. The
+        returned mean L+ has ``like``'s (dtype, device), the closure's."""
+        where = {} if like is None else {"dtype": like[0], "device": like[1]}
         if record.finished or record.step != self.step_count:
             raise RuntimeError(f"DPZOSGD.finish_step: the record of step {record.step} is not the running step "
                                f"{self.step_count} or was already finished")
@@ -223,7 +226,7 @@ class DPZOSGD(ZOSGD):
                 f"DPZOSGD: step {record.step} saw a non-finite per-sample loss; the update was skipped, the "
                 f"parameters restored and nothing released or accounted ({self.skipped_steps} skipped so far). Check "
                 "the data and the model's numerics (a lower eps or fp32 may help)", NonFiniteLossWarning, stacklevel=3)
-            return torch.tensor(float("nan"))
+            return torch.tensor(float("nan"), **where)
         noised = sums + self._noise(released, record.step, group)
         g = (noised / self.expected_batch_size).tolist()
         if self.clipping == "aggregate":
@@ -235,7 +238,7 @@ class DPZOSGD(ZOSGD):
         self.last_batch_size = size
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return torch.tensor(plus / size if size else float("nan"))
+        return torch.tensor(plus / size if size else float("nan"), **where)
 
     def _noise(self, n: int, step: int, group: object) -> torch.Tensor:
         """σC·z for the n released sums from flashdp's stream (stream 0 of the step's noise keys)."""

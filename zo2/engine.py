@@ -123,8 +123,8 @@ class OffloadEngine:
         for b, block in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(lambda m, a, b=b: self._before_block(b)))
             self._hooks.append(block.register_forward_hook(lambda m, a, o, b=b: self._after_block(b)))
-        for module, own in self.resident_owners:
-            self._hooks.append(module.register_forward_pre_hook(lambda m, a, own=own: self._before_resident(own)))
+        for module, _ in self.resident_owners:
+            self._hooks.append(module.register_forward_pre_hook(lambda m, a: self._before_resident()))
         self._takes_use_cache = "use_cache" in inspect.signature(self.model.forward).parameters
         self._hooks.append(self.model.register_forward_pre_hook(lambda m, a, kw: self._before_model(a, kw),
                                                                 with_kwargs=True))
@@ -168,7 +168,7 @@ class OffloadEngine:
                              f"{len(closures)} closures were given; pass one closure per direction")
         thread_state = ThreadState()  # refuses what the halves' threads cannot reproduce, before anything moves
         self.record = record
-        self.scheduler = scheduler = HalfScheduler(record.num_halves, len(self.blocks))
+        self.scheduler = scheduler = HalfScheduler(record.num_halves, len(self.blocks), on_turn=self._on_turn)
         self.dirty = True
         found: list[str] = []
         try:
@@ -221,12 +221,20 @@ class OffloadEngine:
             self.streamer.release(b)
             self.streamer.pump()
 
-    def _before_resident(self, own: list[nn.Parameter]) -> None:
-        half = self._current_half()
-        if half is None:
+    def _on_turn(self, half: int) -> None:
+        """A half takes the baton: every trainable resident parameter moves to that half's perturbation.
+
+        Moving them on each turn, not when a half enters their owning module, keeps the loss of each half
+        at its own point however the model reads them: a weight read directly (ProphetNet's
+        ``ngram_embeddings.weight``, Reformer's axial position ``ParameterList``), a module called in the
+        prologue and read again after the blocks, or a module the forward never calls (an idle vision
+        tower, whose parameters plain ZOSGD still moves by -lr·g·z). A resident weight costs one pass
+        per turn, (blocks + 1) · 2q passes a step, instead of one per entry of its module."""
+        self.precision.enter_residents(self.record, self.record.half_target(half))
+
+    def _before_resident(self) -> None:
+        if self._current_half() is None:  # a resident module called on its own between steps observes
             self._apply_pending()
-            return
-        self.precision.enter_resident(own, self.record, self.record.half_target(half))
 
     def _abort_step(self) -> None:
         """After a failed step: bring every block home, drop this step's perturbation, flush."""
@@ -239,6 +247,7 @@ class OffloadEngine:
     # ----------------------------------------------------------------------------- observation
     def _before_model(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._current_half() is not None:
+            self.scheduler.enter_model()
             if self._takes_use_cache and kwargs.get("use_cache") is not False:
                 # A KV cache would keep every block's keys and values on the device for each half.
                 return args, {**kwargs, "use_cache": False}

@@ -8,9 +8,11 @@ exactly one half run at a time, in the order
 so every block is used by all halves while it is resident, and the closure keeps its ordinary form
 (``lambda: model(**batch).loss``): nothing in the model's forward code is replaced. A half hands the
 baton over when it enters the next block (a forward pre-hook calls :meth:`HalfScheduler.enter_block`)
-and when its closure returns. The caller's per-thread state (grad and inference mode, autocast, the
-CUDA device and stream, the default device, ``contextvars``) is captured at the start of the step and
-reproduced in each half (:class:`ThreadState`); torch modes, which cannot be, are refused.
+and when its closure returns; the scheduler's ``on_turn`` callback runs each time a half takes the
+baton (the offload engine moves the resident parameters to that half's perturbation there). The
+caller's per-thread state (grad and inference mode, autocast, the CUDA device and stream, the default
+device, ``contextvars``) is captured at the start of the step and reproduced in each half
+(:class:`ThreadState`); torch modes, which cannot be, are refused.
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ class ClosureProtocolError(RuntimeError):
 class _HalfContext:
     half: int
     last_block: int = -1
+    model_calls: int = 0  # calls of the model's forward in this half (the engine counts them)
 
 
 class HalfScheduler:
     """The baton: slot (b, h) = (b + 1)·H + h, where b = -1 is the code before the first block."""
 
-    def __init__(self, num_halves: int, num_blocks: int) -> None:
+    def __init__(self, num_halves: int, num_blocks: int,
+                 on_turn: Callable[[int], None] | None = None) -> None:
         self.num_halves = num_halves
         self.num_blocks = num_blocks
+        self.on_turn = on_turn  # called with the half each time a half takes the baton, in its thread
         self._cond = threading.Condition()
         self._turn = 0
         self._aborted = False
@@ -63,6 +68,8 @@ class HalfScheduler:
                 self._cond.wait()
             if self._aborted:
                 raise HalfAborted()
+        if self.on_turn is not None:
+            self.on_turn(slot % self.num_halves)
 
     def _advance(self) -> None:
         with self._cond:
@@ -74,9 +81,20 @@ class HalfScheduler:
             self._aborted = True
             self._cond.notify_all()
 
+    def enter_model(self) -> None:
+        """The model's forward starts in this half (to tell a second call from a block reused inside one)."""
+        self._local.ctx.model_calls += 1
+
     def enter_block(self, block: int) -> None:
         """Hand the baton on, and wait until this half may run ``block``."""
         ctx: _HalfContext = self._local.ctx
+        if block <= ctx.last_block and ctx.model_calls <= 1:
+            raise ClosureProtocolError(
+                f"zo2.offload: the model's forward ran block {block} again after block {ctx.last_block} within one "
+                "call: it reuses its blocks (a looped or recurrent-depth model such as HRM or Dory). An offloaded "
+                "step streams each block through the device once per perturbation, so a block can run only once "
+                "per forward: pass blocks= a list of modules that the forward runs once each, in order, or keep "
+                "this model on the device (plain zo2.ZOSGD without offload)")
         if block != ctx.last_block + 1:
             what = ("ran the model a second time" if block <= ctx.last_block
                     else f"skipped block(s) {ctx.last_block + 1}..{block - 1}")

@@ -202,12 +202,15 @@ class ZOSGD(torch.optim.Optimizer):
         return StepRecord(self.step_count, self.seeds_for_step(self.step_count, accumulation * self.num_perturbations),
                           [(g["lr"], g["eps"], g["weight_decay"]) for g in self.param_groups], self.distribution)
 
-    def finish_step(self, record: StepRecord, losses: Sequence[float]) -> torch.Tensor:
+    def finish_step(self, record: StepRecord, losses: Sequence[float],
+                    like: tuple[torch.dtype, torch.device] | None = None) -> torch.Tensor:
         """Count the step of ``record`` from its losses (averaged over ranks, in half order L+_0, L-_0,
         L+_1, ...; the list may stop at the first non-finite one). Sets ``record.diffs`` and the projected
         gradients and returns the mean L+, or, for a non-finite loss, marks the record skipped, warns with
-        :class:`NonFiniteLossWarning` and returns the L+ of the direction that failed. The parameters'
-        restore and update follow the record (see :mod:`zo2.transitions`)."""
+        :class:`NonFiniteLossWarning` and returns the L+ of the direction that failed, as a 0-d tensor of
+        ``like``'s (dtype, device) (the closure's loss; torch's default dtype on the CPU without it). The
+        parameters' restore and update follow the record (see :mod:`zo2.transitions`)."""
+        where = {} if like is None else {"dtype": like[0], "device": like[1]}
         if record.finished or record.step != self.step_count:
             raise RuntimeError(f"ZOSGD.finish_step: the record of step {record.step} is not the running step "
                                f"{self.step_count} or was already finished")
@@ -230,12 +233,12 @@ class ZOSGD(torch.optim.Optimizer):
                 NonFiniteLossWarning,
                 stacklevel=3,
             )
-            return torch.tensor(plus[bad // 2])
+            return torch.tensor(plus[bad // 2], **where)
         record.diffs = [(p - m) / 2.0 for p, m in zip(plus, losses[1::2], strict=True)]
         eps0 = self.param_groups[0]["eps"]
         self.projected_grads = [d / eps0 for d in record.diffs]
         self.projected_grad = sum(self.projected_grads) / len(record.diffs)
-        return torch.tensor(sum(plus) / len(plus))
+        return torch.tensor(sum(plus) / len(plus), **where)
 
     def reduce_losses(self, values: list[float]) -> list[float]:
         """The losses averaged over the data-parallel ranks in one all-reduce (themselves without a
@@ -270,7 +273,8 @@ class ZOSGD(torch.optim.Optimizer):
         self._check_groups()
         record = self.begin_step(len(closures))
         q = self.num_perturbations
-        per_direction = [closures[d // q] for d in range(len(record.seeds))]
+        like: list[tuple[torch.dtype, torch.device]] = []  # the closure's loss: the step returns its kind
+        per_direction = [_noting_kind(closures[d // q], like) for d in range(len(record.seeds))]
         if self._engine is not None:
             results = self._engine.run_halves(record, per_direction, self.check_dropout)
             try:
@@ -279,10 +283,11 @@ class ZOSGD(torch.optim.Optimizer):
                 record.discard()  # a bad closure result: restore without an update, now
                 self._engine.flush()
                 raise
-            return self.finish_step(record, self.reduce_losses(losses))
-        return self._step_in_place(record, per_direction)
+            return self.finish_step(record, self.reduce_losses(losses), like[0] if like else None)
+        return self._step_in_place(record, per_direction, like)
 
-    def _step_in_place(self, record: StepRecord, closures: list[Closure]) -> torch.Tensor:
+    def _step_in_place(self, record: StepRecord, closures: list[Closure],
+                       like: list[tuple[torch.dtype, torch.device]]) -> torch.Tensor:
         """The 2K halves on the parameters where they are, then the finish pass: 2K + 1 passes.
 
         Alone, a non-finite loss ends the step early. Across ranks every rank runs all 2K halves (a sharded
@@ -320,7 +325,7 @@ class ZOSGD(torch.optim.Optimizer):
                 sharding.recover()
             move(targets, state, None, {})
             raise
-        result = self.finish_step(record, losses)
+        result = self.finish_step(record, losses, like[0] if like else None)
         reshard()
         move(targets, state, None, {})  # restore and update (restore only for a skipped step)
         return result
@@ -400,3 +405,16 @@ def _closures(closure: Closure | None, accumulate: Sequence[Closure] | None) -> 
         raise TypeError("ZOSGD.step: accumulate must be a non-empty sequence of closures, one per micro-batch, "
                         "e.g. accumulate=[lambda b=b: model(**b).loss for b in micro_batches]")
     return closures
+
+
+def _noting_kind(closure: Closure, kinds: list[tuple[torch.dtype, torch.device]]) -> Closure:
+    """``closure``, noting the (dtype, device) of the first tensor loss it returns into ``kinds`` (the
+    step's result has it: a float64 model's loss is not rounded to float32)."""
+
+    def noted() -> torch.Tensor | float:
+        loss = closure()
+        if not kinds and isinstance(loss, torch.Tensor):
+            kinds.append((loss.dtype, loss.device))
+        return loss
+
+    return noted

@@ -5,7 +5,8 @@ Two strategies, chosen by ``zo2.offload(..., amp=)``:
 - :class:`NativePrecision` (``amp=None``): a block's host store holds its parameters in their own dtype;
   the device copy is uploaded from it, perturbed there and copied back after the last half (left at
   θ-εz, its update deferred to the next step's first pass). One :class:`NoiseState` per block describes
-  both copies. Resident parameters are perturbed in place on the device.
+  both copies. Resident parameters are perturbed in place on the device, moved to a half's state each time
+  that half takes the baton.
 - :class:`HostMasterPrecision` (``amp="bf16"/"fp16"``): the host store holds an fp32 master and a
   low-precision wire copy; the device copy is made from the clean master, perturbed, and discarded after
   the last half. The update lands on the master, on the host, before its next upload (:meth:`prepare`),
@@ -103,10 +104,10 @@ class NativePrecision:
     def begin_step(self, record: StepRecord) -> None:
         """Before the first half of ``record``'s step."""
 
-    def enter_resident(self, params: list[nn.Parameter], record: StepRecord, target: dict[int, float]) -> None:
-        """The pass that takes resident parameters to a half's state, when a half enters their module."""
-        for p in params:
-            r = self.residents[id(p)]
+    def enter_residents(self, record: StepRecord, target: dict[int, float]) -> None:
+        """The pass that takes every trainable resident parameter to a half's state (when a half takes
+        the baton: a resident tensor may be read anywhere in the forward, or not at all)."""
+        for r in self.residents.values():
             r.state = move(r.target(r.param.data), r.state, record, target)
 
     def flush_residents(self) -> None:
@@ -183,6 +184,14 @@ class HostMasterPrecision(NativePrecision):
             r.master_state = NoiseState(record, {})  # this step's update is due on the master
             r.lowp_key = None  # the kernels write through pointers: no version bump to rely on
         self.use_compute_copies()
+
+    def enter_residents(self, record: StepRecord, target: dict[int, float]) -> None:
+        """Each turn's low-precision copy is cast afresh from the clean fp32 master and perturbed once:
+        flipping the copy in place on every turn would round it H·(blocks + 1) times a step."""
+        for r in self.residents.values():
+            r.lowp.copy_(r.master)
+            self.resident_casts += 1
+            r.state = move(r.target(r.lowp), NoiseState(), record, target)
 
     def flush_residents(self) -> None:
         for r in self.residents.values():

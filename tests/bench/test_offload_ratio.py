@@ -5,7 +5,8 @@ import json
 import pytest
 
 from memtrain.bench.cli import main
-from memtrain.bench.offload_ratio import hidden_share
+from memtrain.bench.offload_ratio import hidden_share, offload_comparisons
+from memtrain.bench.report import print_offload
 from zo2.offload import OffloadEngine
 
 TRANSFERS_S = 0.5
@@ -44,5 +45,17 @@ def test_ratio_and_hidden_share_from_the_engine_transfer_time(tmp_path, monkeypa
     assert comp["ratio"] == pytest.approx(off["median"] / plain["median"])
     per_round = [a / b for a, b in zip(off["samples"], plain["samples"], strict=True)]
     assert sorted(comp["round_ratios"]["samples"]) == pytest.approx(sorted(per_round))
+    # on the CPU the share means nothing (copies within host memory, inline with compute): n/a and why
+    assert comp["hidden_share"] is None and "n/a on a CPU device" in comp["hidden_share_note"]
+    (on_gpu,) = offload_comparisons(record["results"], device="cuda:0")  # the same records, as a GPU run's
     extra = max(off["median"] - plain["median"], 0.0)
-    assert comp["hidden_share"] == pytest.approx(1 - extra / TRANSFERS_S)
+    assert on_gpu["hidden_share"] == pytest.approx(1 - extra / TRANSFERS_S)
+
+
+def test_the_printed_table_says_n_a_on_cpu(capsys):
+    record = {"model": "m", "method": "zo2-offload", "status": "ok", "median": 2.0, "samples": [2.0, 2.0],
+              "transfers": {"status": "ok", "median": 0.01}}
+    plain = {**record, "method": "zo2", "median": 1.0, "samples": [1.0, 1.0]}
+    print_offload(offload_comparisons([record, plain], device="cpu"))
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.split()[:2] == ["m", "zo2-offload"])
+    assert row.split()[-1] == "n/a"  # not the -9900.0% that (2 - 1) / 0.01 would print

@@ -30,11 +30,16 @@ xs, ys = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) 
 try:
     losses = [opt.step(lambda: nn.functional.mse_loss(model(xs * (1 + 0.1 * t)), ys)).item() for t in range(3)]
 except RuntimeError as e:
-    torch.save({"error": str(e)}, f"{out}.{rank}")
-    sys.exit(0)
-opt.flush()
-torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses},
-           f"{out}.{rank}")
+    result = {"error": str(e)}
+else:
+    opt.flush()
+    result = {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses}
+torch.save(result, f"{out}.{rank}")
+# Every exit path tears the group down, after a barrier: a process that exits with its gloo group alive
+# (the refused-seed path used to) can abort in gloo's C++ threads at interpreter exit ("terminate called
+# without an active exception"), and a rank must not close its pairs (rank 0: the TCPStore) while the
+# other still runs a collective.
+dist.barrier()
 dist.destroy_process_group()
 """
 

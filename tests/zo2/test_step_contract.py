@@ -123,7 +123,8 @@ def test_an_engine_written_against_the_contract_follows_plain_zosgd():
         with pytest.warns(zo2.NonFiniteLossWarning) if nan_call else contextlib.nullcontext():
             a = opt_plain.step(closure_for(plain))
             b = opt_def.step(closure_for(deferred))
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=0, equal_nan=True)
+        # float64 losses: θ agrees to 1e-8, so L (66 parameters, |∂L/∂θ| < 1) agrees to < 66e-8
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, equal_nan=True)
     opt_def.flush()
     for p, q in zip(deferred.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-8)
