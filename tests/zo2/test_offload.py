@@ -107,8 +107,12 @@ def test_state_dict_observes_flushed_values_and_resume_continues_the_trajectory(
         opt_off.step(lambda b=batch: offloaded(**b).loss)
     # model.state_dict() flushes on its own: it must hold the same values as the plain run
     saved_model = {k: v.clone() for k, v in offloaded.state_dict().items()}
+    # fp32: two steps of fused-pass rounding, well inside a tenth of the 5-step bound. bf16: the loss moves by up
+    # to loss_tol, so g by loss_tol/2ε and θ by lr·g·|z| per step; residents are re-cast from the master each
+    # half, so that rounding (not the plain run's) decides g: compare with the 5-step bound itself.
+    state_tol = param_tol / 10 if amp is None else param_tol
     for k, v in plain.state_dict().items():
-        assert_close_verbose(saved_model[k], v, atol=param_tol / 10, rtol=0, name=k)
+        assert_close_verbose(saved_model[k], v, atol=state_tol, rtol=0, name=k)
     torch.save({"model": saved_model, "opt": opt_off.state_dict()}, tmp_path / "ckpt.pt")
 
     resumed = make_opt(seed=123)  # different init: everything must come from the checkpoint
