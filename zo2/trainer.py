@@ -22,6 +22,8 @@ How it hooks into the Trainer (the least it overrides):
   of the mean loss over the k micro-batches.
 - ``evaluate``, ``predict`` and ``_save`` flush pending updates first (``opt.flush()``), so they see the
   trained parameters when offloading defers an update.
+- The logs carry ``projected_grad``, the last step's (L+ - L-) / 2ε (mean over its directions), in place
+  of the Trainer's ``grad_norm`` (always 0 here: a ZO step leaves no ``.grad``).
 - With ``zo_offload`` the model is not moved to the device by the Trainer or by accelerate: the engine
   places blocks itself.
 - Under ``torchrun`` (world size > 1) ZOSGD gets ``process_group=True``: each rank runs its shard and the
@@ -208,6 +210,16 @@ class ZOTrainer(Trainer):
         loss = self.zo.step(accumulate=[lambda b=b: self.compute_loss(model, b) for b in batches])
         self._adapter().pending_steps += 1
         return loss.detach().to(self.args.device)
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> None:
+        """None: there is no ``.grad`` to measure (``log`` reports the projected gradient instead)."""
+        return None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the last step's projected gradient to every training log entry."""
+        if "loss" in logs and self.optimizer is not None:
+            logs = {**logs, "projected_grad": self.zo.projected_grad}
+        super().log(logs, start_time)
 
     def _adapter(self) -> ZOStepAdapter:
         opt = self.optimizer
