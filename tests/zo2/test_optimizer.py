@@ -325,6 +325,24 @@ def test_dropout_in_training_mode_is_refused(make_opt, batch):
     assert quiet.check_dropout is False
 
 
+@pytest.mark.parametrize("when", ["first step", "after training"])
+def test_refused_dropout_step_leaves_every_tensor_bit_identical(make_opt, batch, when):
+    """The dropout check runs before the first perturbation: nothing moves, not even by one rounding."""
+    model = make_opt(dropout=0.1)
+    opt = zo2.ZOSGD(model.parameters(), lr=1e-2, seed=0)
+    if when == "after training":
+        opt.step(lambda: model(**batch).loss)  # eval mode: fine; then the user switches to train mode
+    model.train()
+    before = {n: t.clone() for n, t in model.state_dict(keep_vars=True).items()}
+    state = (opt.step_count, opt.skipped_steps, opt.projected_grad)
+    with pytest.raises(ValueError, match=r"dropout is active.*\(p=0.1\).*model\.eval\(\)"):
+        opt.step(lambda: model(**batch).loss)
+    after = model.state_dict(keep_vars=True)
+    changed = [n for n, t in before.items() if not torch.equal(after[n], t)]
+    assert not changed, f"changed by the refused step: {changed}"
+    assert (opt.step_count, opt.skipped_steps, opt.projected_grad) == state
+
+
 def test_train_mode_without_dropout_is_fine(make_opt, batch):
     model = make_opt().train()  # dropout probabilities are all 0
     opt = zo2.ZOSGD(model.parameters(), lr=1e-2, seed=0)
