@@ -28,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from memtrain.param_specs import check_param_specs, param_specs
 from zo2.checks import (
     active_dropout,
     check_hyperparameters,
@@ -367,15 +368,20 @@ class ZOSGD(torch.optim.Optimizer):
             "num_perturbations": self.num_perturbations,
             "distribution": self.distribution,
             "projected_grad": self.projected_grad,
+            "params": param_specs([p for p, _ in self.unique_params()]),
         }
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the run saved by :meth:`state_dict` (seed, step, directions); a state saved for other
+        parameters (count, shapes, dtypes) is refused with the tensor that differs, before anything changes."""
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo2", None)
         if zo is None:
             raise KeyError("ZOSGD.load_state_dict: no 'zo2' entry; this state_dict was not saved by ZOSGD.state_dict()")
         check_options(zo["num_perturbations"], zo["distribution"])
+        if "params" in zo:  # absent from states saved before the specs were recorded
+            check_param_specs(zo["params"], [p for p, _ in self.unique_params()], "ZOSGD.load_state_dict")
         self.flush()
         super().load_state_dict(state_dict)
         self.seed = int(zo["seed"])

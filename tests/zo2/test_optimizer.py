@@ -394,3 +394,24 @@ def test_low_and_high_precision_models(make_opt, batch, dtype):
     assert torch.isfinite(loss)
     assert all(p.dtype == dtype for p in model.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_load_state_dict_of_another_model_names_the_tensor_and_changes_nothing():
+    """ZOSGD keeps no per-parameter state, so torch compares nothing: the saved shapes and dtypes are checked."""
+    def linear_pair(width, dtype=torch.float32):
+        return [torch.nn.Parameter(torch.zeros(width, 4, dtype=dtype)), torch.nn.Parameter(torch.zeros(2, width))]
+
+    saved = zo2.ZOSGD(linear_pair(6), lr=1e-2, seed=1)
+    saved.step_count = 9
+    sd = saved.state_dict()
+    other = zo2.ZOSGD(linear_pair(3), lr=1e-2, seed=2)
+    here_and_saved = r"parameter 0 is float32 of shape \(3, 4\) here but float32 of shape \(6, 4\)"
+    with pytest.raises(ValueError, match=here_and_saved):
+        other.load_state_dict(sd)
+    assert (other.seed, other.step_count) == (2, 0)  # another run's seed and step were not taken
+    wrong_dtype = zo2.ZOSGD(linear_pair(6, torch.float64), lr=1e-2, seed=2)
+    with pytest.raises(ValueError, match=r"float64 of shape \(6, 4\) here but float32"):
+        wrong_dtype.load_state_dict(sd)
+    same = zo2.ZOSGD(linear_pair(6), lr=1e-2, seed=2)
+    same.load_state_dict(sd)
+    assert (same.seed, same.step_count) == (1, 9)
