@@ -88,7 +88,8 @@ def models_holding(params: Iterable[torch.Tensor]) -> list[weakref.ref]:
     step perturbs anything (a dropout module owns no parameter, so it is found from the holders' ancestors).
     Scans the live modules once; the caller caches the result."""
     ids = {id(p) for p in params}
-    modules = [m for m in gc.get_objects() if isinstance(m, nn.Module)]
+    # type(), not isinstance(): isinstance may read __class__, which some module-level objects warn on
+    modules = [m for m in gc.get_objects() if issubclass(type(m), nn.Module)]
     parents: dict[int, list[nn.Module]] = {}
     for m in modules:
         for child in m._modules.values():
