@@ -32,6 +32,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from .trust import load_state, trust_warnings
+
 T = TypeVar("T")
 PACKAGE = pathlib.Path(__file__).resolve().parent
 
@@ -168,6 +170,7 @@ def environment(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_cores": psutil.cpu_count(logical=False),
         "torch_threads": torch.get_num_threads(),
+        **load_state(psutil.cpu_count(logical=False) or os.cpu_count()),
         "host_memory_bytes": psutil.virtual_memory().total,
         "memtrain": _version("memtrain"),
         "torch": torch.__version__,
@@ -208,10 +211,15 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def provenance(device: str, argv: list[str] | None = None) -> dict:
-    """``command`` (as run), ``argv``, ``date`` (UTC) and ``env``: the head of every JSON record."""
+def provenance(device: str, argv: list[str] | None = None, rounds: int | None = None) -> dict:
+    """``command`` (as run), ``argv``, ``date`` (UTC), ``env`` and ``warnings`` (:func:`trust_warnings`, each
+    also printed): the head of every JSON record. ``rounds``: the rounds of a comparison, if the run makes one."""
     args = list(argv) if argv is not None else list(sys.argv[1:])
-    return {"command": command_line(argv), "argv": args, "date": utc_now(), "env": environment(device)}
+    env = environment(device)
+    warnings = trust_warnings(env, rounds)
+    for w in warnings:
+        print(f"WARNING: {w}", file=sys.stderr)
+    return {"command": command_line(argv), "argv": args, "date": utc_now(), "env": env, "warnings": warnings}
 
 
 # ---------------------------------------------------------------------------------------------- output

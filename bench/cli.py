@@ -61,18 +61,27 @@ def _positive(text: str) -> int:
     return n
 
 
+class _HelpParser(argparse.ArgumentParser):
+    """A subcommand's parser whose --help shows each option's default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _common(p: argparse.ArgumentParser, kind: str | None) -> None:
     p.add_argument("--model", "--preset", default="opt-tiny", type=_csv,
                    help=f"comma-separated presets ({', '.join(PRESETS)}) or local checkpoint folders")
     choices = sorted(COMMANDS[kind][0]) if kind else sorted(METHODS)
     default = ",".join(COMMANDS[kind][1]) if kind else ",".join(COMMANDS["zo"][1] + COMMANDS["dp"][1])
     p.add_argument("--methods", default=default, type=_csv, help=f"comma-separated, from {', '.join(choices)}")
-    p.add_argument("--batch", type=_positive, default=4)
-    p.add_argument("--seq", type=_positive, default=128)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=_positive, default=4, help="sequences per step")
+    p.add_argument("--seq", type=_positive, default=128, help="tokens per sequence")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's parameter dtype")
     p.add_argument("--trainable", default="all", choices=["all", "linear"],
                    help="'linear': only nn.Linear layers train (what Opacus can clip on every model)")
-    p.add_argument("--out", default=None, help="output folder (default bench-runs/<command>-<time>)")
+    p.add_argument("--out", default=None, help="output folder (None: bench-runs/<command>-<time>)")
 
 
 def kernel_scripts() -> list[str]:
@@ -85,13 +94,16 @@ def kernel_scripts() -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="memtrain-bench", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = argparse.ArgumentParser(prog="memtrain-bench", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_HelpParser, metavar="COMMAND",
+                            help="one of the subcommands below; COMMAND --help for its options")
     for kind, text in (("zo", "zeroth-order: AdamW/SGD anchors, textbook MeZO, zo2 (plain, offload, offload+AMP)"),
                        ("dp", "private training: non-DP, flashdp, Opacus hooks, Opacus ghost clipping")):
         p = sub.add_parser(kind, help=text, description=text)
         _common(p, kind)
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="where the methods run (cuda when there is one)")
         p.add_argument("--rounds", type=_positive, default=7,
                        help="rounds of the method sequence (A B C, C B A, ...), one sample per method and round; "
                             "keep >= 7 for ratio claims")
@@ -106,7 +118,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                             "and flashdp's regions (norms, clipped sums, noise, ...) per step")
         p.add_argument("--no-prime", dest="prime", action="store_false",
                        help="CPU: skip the priming run on a tiny model before each method's baseline")
-        p.add_argument("--no-plots", dest="plots", action="store_false")
+        p.add_argument("--no-plots", dest="plots", action="store_false",
+                       help="skip the PNG plots (peak memory, throughput)")
         if kind == "zo":
             p.add_argument("--prefetch", type=int, default=1,
                            help="offload: blocks uploaded ahead of the computing one (ring slots = prefetch + 1)")
@@ -125,6 +138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (NAME --help for its options)")
     _gpu_check_parser(sub)
     dp_audit.add_parser(sub)
+    for action in sub._choices_actions:  # a subcommand's --help opens with its one-line summary
+        parser = sub.choices[action.dest]
+        parser.description = parser.description or action.help
     args = ap.parse_args(argv)
     if args.command == "dp-audit":
         problems = dp_audit.check_args(args)
@@ -315,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             sys.exit(code)  # a section failed: the report says which
         return
-    head = provenance(getattr(args, "device", "cpu"), argv)
+    compares = args.command in ("zo", "dp")  # both set methods side by side and print their ratios
+    head = provenance(getattr(args, "device", "cpu"), argv, rounds=args.rounds if compares else None)
     out = _out_dir(args)
     body = run_plan(args) if args.command == "plan" else run_measure(args, out)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "command")}

@@ -71,12 +71,13 @@ def print_isolated(results: list[dict]) -> None:
 def print_offload(comparisons: list[dict]) -> None:
     """The offload comparison: offloaded / plain step, transfers alone, share of them hidden behind compute."""
     from ._harness import print_table
+    from .trust import ratio_text
 
     rows = []
     for c in comparisons:
         t = c["transfers"]
         rr = c["round_ratios"]
-        rows.append([c["model"], c["method"], f"{c['ratio']:.3f}",
+        rows.append([c["model"], c["method"], ratio_text(c["ratio"], rr),
                      "-" if rr is None else f"{rr['p20']:.3f}-{rr['p80']:.3f}",
                      _fmt(t.get("median"), 1e-3) if t.get("status") == "ok" else t.get("status"),
                      ("n/a" if c.get("hidden_share_note") else "-") if c["hidden_share"] is None
@@ -93,11 +94,12 @@ def print_offload(comparisons: list[dict]) -> None:
 def print_dp(comparisons: list[dict]) -> None:
     """The DP comparison: throughput and peak memory of each private method against non-DP."""
     from ._harness import print_table
+    from .trust import ratio_text
 
     rows = []
     for c in comparisons:
         rr, iso = c["round_ratios"], c["isolated_memory_ratio"]
-        rows.append([c["model"], c["method"], f"{c['throughput_ratio']:.3f}",
+        rows.append([c["model"], c["method"], ratio_text(c["throughput_ratio"], rr),
                      "-" if rr is None else f"{rr['median']:.3f} ({rr['p20']:.3f}-{rr['p80']:.3f})",
                      f"{c['memory_ratio']:.3f}", "-" if iso is None else f"{iso:.3f}"])
     if rows:

@@ -10,9 +10,31 @@
 
 from __future__ import annotations
 
-__all__ = ["PrivacyAccountant", "get_noise_multiplier"]
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["RDP_ALPHAS", "PrivacyAccountant", "get_noise_multiplier"]
 
 _MECHANISMS = ("prv", "rdp")
+
+# RDP orders: Opacus's defaults (1.1 .. 63) and larger ones, so that at small σ or large ε the best order lies
+# inside the range (Opacus warns "Optimal order is the largest alpha" when it does not, and its ε is then looser).
+RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [2**k for k in range(6, 13)]
+_LARGEST_ALPHA = "Optimal order is the largest alpha"
+
+
+@contextmanager
+def _accounting(mechanism: str) -> Iterator[dict]:
+    """The keyword arguments of Opacus's ``get_epsilon`` for ``mechanism``, with its domain warning silenced.
+
+    The PRV accountant sizes its discretisation domain with an RDP bound over Opacus's default orders and warns
+    when the best of them is the largest. A looser bound there only widens the domain, so ε stays an upper
+    bound: the warning says nothing about the ε returned. The RDP accountant gets ``RDP_ALPHAS`` instead."""
+    with warnings.catch_warnings():
+        if mechanism == "prv":
+            warnings.filterwarnings("ignore", message=_LARGEST_ALPHA)
+        yield {"alphas": RDP_ALPHAS} if mechanism == "rdp" else {}
 
 
 def _kinds() -> dict:
@@ -53,7 +75,8 @@ class PrivacyAccountant:
             raise ValueError(f"flashdp.PrivacyAccountant.epsilon: delta must be in (0, 1), got {delta}")
         if not self._acct.history:
             return 0.0
-        return float(self._acct.get_epsilon(delta=delta))
+        with _accounting(self.mechanism) as kwargs:
+            return float(self._acct.get_epsilon(delta=delta, **kwargs))
 
     def state_dict(self) -> dict:
         return {"mechanism": self.mechanism, "history": list(self._acct.history)}
@@ -73,6 +96,8 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
                          f"got {target_epsilon}, {target_delta}")
     from opacus.accountants.utils import get_noise_multiplier as _opacus_get_noise_multiplier
 
-    return float(_opacus_get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                              sample_rate=sample_rate, steps=steps, epochs=epochs,
-                                              accountant=mechanism, epsilon_tolerance=epsilon_tolerance))
+    with _accounting(mechanism) as kwargs:
+        return float(_opacus_get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                                  sample_rate=sample_rate, steps=steps, epochs=epochs,
+                                                  accountant=mechanism, epsilon_tolerance=epsilon_tolerance,
+                                                  **kwargs))

@@ -137,13 +137,13 @@ def log_choice(seen: set[tuple[str, str]], name: str, path: str, detail: str) ->
 def describe_rules() -> dict[str, str]:
     """The dispatch rule per device, in words (for ``python -m memtrain.env_report``)."""
     forced = os.environ.get("FLASHDP_PATH")
-    kernel = ("fp32, weight-only, (out, in) layers (cuda_once_fits; why a layer is not served: "
-              f"cuda_once_reason); kernel {cuda_once_status()}")
     rules = {
         "cpu": "ghost norms + one row-scaled GEMM when 2·T² < d_in·d_out (ghost_is_cheaper), else 'once' "
                "(per-sample tiles in cache-sized chunks)",
-        "cuda": f"'once' (cooperative single-pass kernel) for the layers it serves: {kernel}, and whose tiles fit "
-                "co-resident; else ghost when 2·T² < d_in·d_out, else direct norms; then one row-scaled GEMM",
+        "cuda": "'once' (the cooperative single-pass kernel) for fp32, weight-only, (out, in) layers whose tiles fit "
+                "co-resident (cuda_once_fits; cuda_once_reason says why a layer is not served); else ghost norms "
+                "when 2·T² < d_in·d_out, else direct norms; then one row-scaled GEMM",
+        "cuda 'once' kernel": cuda_once_status(),
         "tied groups": "per-use norms (ghost or direct by flops) + Gram cross terms, one clip for all uses",
     }
     if forced:

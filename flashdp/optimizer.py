@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from memtrain.param_specs import check_moment_shapes, check_param_specs, param_specs
+
 from . import fsdp, noise
 from .errors import ModelChangedError
 from .privatize import PrivacyState, state_of_parameter
@@ -267,17 +269,34 @@ class DPOptimizer(Optimizer):
 
     # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state, plus the noise state and each parameter's shape and dtype."""
         sd = self.inner.state_dict()
-        sd["flashdp"] = self.noise_state_dict()
+        sd["flashdp"] = {**self.noise_state_dict(), "params": param_specs(self._inner_params())}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` for this model; a state saved for other parameters (count,
+        shapes, dtypes) is refused with the tensor that differs, before anything is changed."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("flashdp", None)
+        params, where = self._inner_params(), "flashdp.DPOptimizer.load_state_dict"
+        if extra is not None and "params" in extra:
+            check_param_specs(extra["params"], params, where, self._param_name)
+        elif sum(len(g["params"]) for g in state_dict.get("param_groups", [])) == len(params):
+            check_moment_shapes(state_dict.get("state", {}), params, where, self._param_name)
         self.inner.load_state_dict(state_dict)
         self.share_inner_state()
         if extra is not None:
             self.load_noise_state_dict(extra)
+
+    def _inner_params(self) -> list[torch.Tensor]:
+        """The inner optimizer's parameters in its state_dict's order (each once)."""
+        seen: set[int] = set()
+        return [p for g in self.inner.param_groups for p in g["params"] if not (id(p) in seen or seen.add(id(p)))]
+
+    def _param_name(self, p: torch.Tensor) -> str | None:
+        model = self.privacy.model_ref()
+        return None if model is None else next((n for n, q in model.named_parameters() if q is p), None)
 
     def noise_state_dict(self) -> dict[str, Any]:
         """DPOptimizer's own state, the whole noise state (seed, step count) with its settings: plain Python values.

@@ -25,6 +25,10 @@ What it changes in the Trainer:
   into micro-batches) and multi-process runs are refused with the alternative: flashdp's memory is close
   to non-private training, so a larger ``per_device_train_batch_size`` usually fits; for several
   processes use the DDP recipe of docs/flashdp.md.
+- the Trainer's ``grad_norm`` is neither computed nor logged: transformers takes it before
+  ``DPOptimizer.step`` adds the noise, so it would be the norm of the private batch's clipped sum, a
+  statistic no ε accounts for. The logged ``loss`` is not covered by ε either (docs/flashdp.md, 'What the
+  logs reveal').
 """
 
 from __future__ import annotations
@@ -146,8 +150,15 @@ class DPTrainer(Trainer):
         self.accelerator.backward(loss)
         return loss.detach()
 
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> None:
+        """None: the Trainer would take the norm of the un-noised clipped sum, which ε does not cover."""
+        return None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the privacy spent so far (``dp_epsilon`` at ``dp_delta``) to every log entry."""
+        if "grad_norm" in logs:
+            raise RuntimeError("DPTrainer: a log entry holds grad_norm, the norm of the un-noised clipped sum; "
+                               "it is a private statistic that ε does not cover and must not be logged")
         if "loss" in logs or "train_loss" in logs:
             logs = {**logs, "dp_epsilon": self.epsilon(), "dp_delta": self.args.dp_delta}
         super().log(logs, start_time)

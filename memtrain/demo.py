@@ -53,11 +53,13 @@ def run(argv: list[str] | None = None) -> dict:
     """Run the demo; returns the start and end held-out losses and the printed rows."""
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    baseline_mb = peak_rss_mb()  # Python, torch and transformers, before the model exists
     config = OPTConfig(vocab_size=VOCAB, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        ffn_dim=4 * args.hidden, num_attention_heads=4, max_position_embeddings=64,
                        word_embed_proj_dim=args.hidden, dropout=0.0, attention_dropout=0.0)
     model = OPTForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     train, held = arithmetic_sequences(2048, seed=args.seed), arithmetic_sequences(256, seed=args.seed + 1)
     rng = torch.Generator().manual_seed(args.seed)
 
@@ -87,6 +89,9 @@ def run(argv: list[str] | None = None) -> dict:
                     num_perturbations=args.perturbations)
     print(f"zo2.ZOSGD: lr={args.lr} eps={args.eps} q={args.perturbations} "
           f"({2 * args.perturbations} forward passes per step, no backward)")
+    print(f"ms/step: median of the last {args.eval_every} steps; peak RSS: the whole process's high-water mark, "
+          f"{baseline_mb:.0f} MB of it Python and torch before the model was built, {model_mb:.1f} MB the "
+          "model's parameters")
     print(f"{'step':>6} {'train loss':>11} {'held-out':>9} {'ms/step':>8} {'peak RSS MB':>12}")
     times: list[float] = []
     history = []
@@ -105,7 +110,9 @@ def run(argv: list[str] | None = None) -> dict:
     end_loss = held_loss()
     change = 100 * (end_loss - start_loss) / start_loss
     print(f"held-out loss {start_loss:.4f} -> {end_loss:.4f} ({change:+.1f}%) in {args.steps} zeroth-order steps; "
-          f"median step {1e3 * sorted(times)[len(times) // 2]:.1f} ms; peak RSS {peak_rss_mb():.0f} MB")
+          f"median step {1e3 * sorted(times)[len(times) // 2]:.1f} ms over all {len(times)} steps; peak RSS "
+          f"{peak_rss_mb():.0f} MB (whole process: {baseline_mb:.0f} MB before the model was built, "
+          f"{model_mb:.1f} MB of parameters)")
     return {"start_loss": start_loss, "end_loss": end_loss, "history": history}
 
 

@@ -129,6 +129,9 @@ def test_demo_runs_and_lowers_the_loss(capsys):
     result = run(["--steps", "40", "--warmup-steps", "20", "--eval-every", "20", "--hidden", "32"])
     out = capsys.readouterr().out
     assert "held-out loss" in out and "peak RSS" in out
+    # each figure says what it is: the median over which steps, and whose memory the peak RSS counts
+    assert "median of the last 20 steps" in out and "before the model was built" in out
+    assert "MB the model's parameters" in out
     assert len(result["history"]) == 2
     assert result["end_loss"] < result["start_loss"]
 

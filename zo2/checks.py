@@ -6,7 +6,10 @@ the same deterministic function, so dropout left on in training mode is refused.
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -76,6 +79,47 @@ def _dropout_rate(module: nn.Module) -> float:
         return float(module.p)
     rates = [getattr(module, a, None) for a in FUNCTIONAL_DROPOUT_ATTRS]
     return max((float(r) for r in rates if isinstance(r, float)), default=0.0)
+
+
+def models_holding(params: Iterable[torch.Tensor]) -> list[weakref.ref]:
+    """Weak references to the outermost live modules that hold any of ``params``.
+
+    An optimizer sees parameters, not the model; the dropout check needs the model's modules *before* a
+    step perturbs anything (a dropout module owns no parameter, so it is found from the holders' ancestors).
+    Scans the live modules once; the caller caches the result."""
+    ids = {id(p) for p in params}
+    # type(), not isinstance(): isinstance may read __class__, which some module-level objects warn on
+    modules = [m for m in gc.get_objects() if issubclass(type(m), nn.Module)]
+    parents: dict[int, list[nn.Module]] = {}
+    for m in modules:
+        for child in m._modules.values():
+            if child is not None:
+                parents.setdefault(id(child), []).append(m)
+    roots: dict[int, nn.Module] = {}
+    todo = [m for m in modules if any(id(p) in ids for p in m._parameters.values() if p is not None)]
+    seen: set[int] = set()
+    while todo:  # climb every chain of parents (a module may sit in several models, e.g. a PEFT wrapper)
+        m = todo.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        up = parents.get(id(m), [])
+        if not up:
+            roots[id(m)] = m
+        todo.extend(up)
+    return [weakref.ref(m) for m in roots.values()]
+
+
+def active_dropout(models: Iterable[nn.Module]) -> list[str]:
+    """Descriptions of the modules of ``models`` that would run dropout > 0 in training mode (no forward)."""
+    found: list[str] = []
+    for model in models:
+        for module in model.modules():
+            rate = _dropout_rate(module)
+            desc = f"{type(module).__name__} (p={rate:g})"
+            if rate > 0 and desc not in found:
+                found.append(desc)
+    return found
 
 
 @contextmanager

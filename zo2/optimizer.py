@@ -28,12 +28,15 @@ from typing import Protocol
 
 import torch
 
+from memtrain.param_specs import check_param_specs, param_specs
 from zo2.checks import (
+    active_dropout,
     check_hyperparameters,
     check_options,
     check_parameter,
     dropout_error,
     loss_value,
+    models_holding,
     record_active_dropout,
 )
 from zo2.distributed import average_losses, check_same_run, resolve_group
@@ -78,7 +81,8 @@ class ZOSGD(torch.optim.Optimizer):
         seed: base seed; with the step counter it determines every direction (resumable).
         num_perturbations: q, the number of directions averaged per step (2q forward passes).
         distribution: "normal" (Gaussian z) or "rademacher" (±1 z).
-        check_dropout: refuse a step whose forward pass runs dropout in training mode.
+        check_dropout: refuse a step whose forward pass runs dropout in training mode, before anything moves
+            (the models holding the parameters are found once by a scan of the live modules).
         process_group: data parallelism (a ``torch.distributed`` group, a 1-D ``DeviceMesh``, or ``True`` for
             the default group): each rank runs the closure on its shard of the batch and the 2q losses are
             averaged over the ranks in one all-reduce per step, so every rank (with the same ``seed``) applies
@@ -271,6 +275,7 @@ class ZOSGD(torch.optim.Optimizer):
         closures = _closures(closure, accumulate)
         self._check_ranks_agree()
         self._check_groups()
+        self._check_no_dropout()
         record = self.begin_step(len(closures))
         q = self.num_perturbations
         like: list[tuple[torch.dtype, torch.device]] = []  # the closure's loss: the step returns its kind
@@ -285,6 +290,22 @@ class ZOSGD(torch.optim.Optimizer):
                 raise
             return self.finish_step(record, self.reduce_losses(losses), like[0] if like else None)
         return self._step_in_place(record, per_direction, like)
+
+    def _check_no_dropout(self) -> None:
+        """Refuse the step before anything moves if a model holding these parameters runs dropout.
+
+        The models are found once (a scan of the live modules) and re-checked each step (``model.train()``
+        may come later). A module outside them that the closure calls is still caught during the first
+        forward pass; the parameters are then restored up to the rounding of one perturbation pass."""
+        if not self.check_dropout:
+            return
+        params = self.unique_params()
+        cached = getattr(self, "_dropout_scope", None)
+        if cached is None or cached[0] != len(params):
+            cached = self._dropout_scope = (len(params), models_holding(p for p, _ in params))
+        found = active_dropout(m for m in (ref() for ref in cached[1]) if m is not None)
+        if found:
+            raise dropout_error(found)
 
     def _step_in_place(self, record: StepRecord, closures: list[Closure],
                        like: list[tuple[torch.dtype, torch.device]]) -> torch.Tensor:
@@ -363,15 +384,20 @@ class ZOSGD(torch.optim.Optimizer):
             "num_perturbations": self.num_perturbations,
             "distribution": self.distribution,
             "projected_grad": self.projected_grad,
+            "params": param_specs([p for p, _ in self.unique_params()]),
         }
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the run saved by :meth:`state_dict` (seed, step, directions); a state saved for other
+        parameters (count, shapes, dtypes) is refused with the tensor that differs, before anything changes."""
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo2", None)
         if zo is None:
             raise KeyError("ZOSGD.load_state_dict: no 'zo2' entry; this state_dict was not saved by ZOSGD.state_dict()")
         check_options(zo["num_perturbations"], zo["distribution"])
+        if "params" in zo:  # absent from states saved before the specs were recorded
+            check_param_specs(zo["params"], [p for p, _ in self.unique_params()], "ZOSGD.load_state_dict")
         self.flush()
         super().load_state_dict(state_dict)
         self.seed = int(zo["seed"])

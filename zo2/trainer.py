@@ -22,6 +22,8 @@ How it hooks into the Trainer (the least it overrides):
   of the mean loss over the k micro-batches.
 - ``evaluate``, ``predict`` and ``_save`` flush pending updates first (``opt.flush()``), so they see the
   trained parameters when offloading defers an update.
+- The logs carry ``projected_grad``, the last step's (L+ - L-) / 2ε (mean over its directions), in place
+  of the Trainer's ``grad_norm`` (always 0 here: a ZO step leaves no ``.grad``).
 - With ``zo_offload`` the model is not moved to the device by the Trainer or by accelerate: the engine
   places blocks itself.
 - Under ``torchrun`` (world size > 1) ZOSGD gets ``process_group=True``: each rank runs its shard and the
@@ -313,8 +315,15 @@ class ZOTrainer(Trainer):
         return poisson_loader(self.train_dataset, sample_rate=self.sample_rate, generator=g,
                               collate_fn=self.data_collator, num_workers=self.args.dataloader_num_workers)
 
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> None:
+        """None: there is no ``.grad`` to measure (``log`` reports the projected gradient instead)."""
+        return None
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Private runs: add the privacy spent so far (``dp_epsilon`` at ``dp_delta``) to the loss entries."""
+        """Add the last step's projected gradient to every training log entry (in a private run the released,
+        noised one), and in private runs the privacy spent so far (``dp_epsilon`` at ``dp_delta``)."""
+        if "loss" in logs and self.optimizer is not None:
+            logs = {**logs, "projected_grad": self.zo.projected_grad}
         if self.accountant is not None and ("loss" in logs or "train_loss" in logs):
             logs = {**logs, "dp_epsilon": self.epsilon(), "dp_delta": self.args.dp_delta}
         super().log(logs, *args, **kwargs)

@@ -6,7 +6,7 @@ checkout and parses; it records the command that produced it (``command``), the 
 (``env.cpu_model``, which RESULTS.md must name); every timing summary in it (a dict with ``median``) carries
 ``p20``, ``p80`` and ``rounds``; and the command's script existed at that commit (``git cat-file -e
 SHA:path``). A section of RESULTS.md that calls a target met must cite JSONs whose summaries have at least
-MIN_ROUNDS rounds, and report the p20–p80 spread. Finally, every figure in the README's Benchmarks tables
+MIN_ROUNDS rounds, and report the p20–p80 spread. Finally, every figure in the README's Results tables
 appears in RESULTS.md.
 
 Without git history (an unpacked archive, a shallow clone missing the commit) the script check says so
@@ -62,7 +62,7 @@ def claims_target_met(section: str) -> bool:
                for sentence in re.split(r"[.;!?](?:\s|$)", text))
 
 
-def table_figures(markdown: str, heading: str = "## Benchmarks") -> list[str]:
+def table_figures(markdown: str, heading: str = "## Results") -> list[str]:
     """The numbers in the figure columns (all but the first) of the tables in the section ``heading``."""
     start = markdown.find(heading + "\n")
     if start < 0:
@@ -160,7 +160,9 @@ def spread_problems(results_text: str, root: pathlib.Path) -> list[str]:
 
 
 def readme_problems(readme_text: str, results_text: str) -> list[str]:
-    return [f"README's Benchmarks table quotes {f}, which RESULTS.md does not contain"
+    if not re.search(r"(?m)^## Results$", readme_text):
+        return ["README has no '## Results' section (the figures it quotes are checked there)"]
+    return [f"README's Results table quotes {f}, which RESULTS.md does not contain"
             for f in dict.fromkeys(table_figures(readme_text)) if not figure_appears(f, results_text)]
 
 
@@ -334,10 +336,12 @@ def test_the_spread_and_readme_checks_catch_what_they_should(tmp_path):
     assert any("without citing" in p for p in spread_problems("## X\n\nthe target\nis met, p20 p80\n", tmp_path))
     assert claims_target_met("flashdp meets the target") and claims_target_met("Target: **met**")
     assert not claims_target_met("a target counts as reached only with 7 rounds; it is not met here")
-    readme = "## Benchmarks\n\n| what | memtrain |\n|---|---|\n| a step, OPT-125m | **1.22** |\n\n## Development\n"
+    readme = "## Results\n\n| what | memtrain |\n|---|---|\n| a step, OPT-125m | **1.22** |\n\n## Development\n"
     assert readme_problems(readme, "ratio 1.22 in the table") == []
-    assert readme_problems(readme, "ratio 1.225") == ["README's Benchmarks table quotes 1.22, which RESULTS.md "
+    assert readme_problems(readme, "ratio 1.225") == ["README's Results table quotes 1.22, which RESULTS.md "
                                                       "does not contain"]
+    assert readme_problems(readme.replace("## Results", "## Numbers"), "ratio 1.22") == [
+        "README has no '## Results' section (the figures it quotes are checked there)"]
 
 
 def test_the_script_check_resolves_commands():

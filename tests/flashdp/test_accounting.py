@@ -54,3 +54,31 @@ def test_poisson_loader_sizes_and_empty_batches():
     assert loader2.sample_rate == pytest.approx(0.1)
     with pytest.raises(ValueError, match="expected_batch_size"):
         flashdp.poisson_loader(ds, expected_batch_size=0)
+
+
+@pytest.mark.parametrize("mechanism", ["rdp", "prv"])
+def test_no_largest_alpha_warning(mechanism, recwarn):
+    """Where Opacus alone warns "Optimal order is the largest alpha" (its σ search passes σ = 20, whose best RDP
+    order is beyond its largest default, 63; the PRV accountant bounds its domain with those orders), flashdp
+    does not, and its ε is the same (PRV) or tighter (RDP: the minimum over more orders)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.utils import get_noise_multiplier as opacus_sigma
+
+    setting = dict(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.125, epochs=2)
+    with pytest.warns(UserWarning, match="largest alpha"):  # the premise
+        want = opacus_sigma(**setting, accountant=mechanism)
+    recwarn.clear()
+    sigma = flashdp.get_noise_multiplier(**setting, mechanism=mechanism)
+    acct = flashdp.PrivacyAccountant(mechanism)
+    for _ in range(16):
+        acct.step(noise_multiplier=5.0, sample_rate=0.01)
+    eps = acct.epsilon(1e-5)
+    assert not [w for w in recwarn if "largest alpha" in str(w.message)]
+    if mechanism == "prv":
+        assert sigma == want
+    else:  # a tighter bound needs no more noise; here the best order of the target σ is inside both ranges
+        assert sigma <= want
+        default = RDPAccountant()
+        default.history = [(5.0, 0.01, 16)]  # best order 128: beyond Opacus's 63, inside RDP_ALPHAS
+        with pytest.warns(UserWarning, match="largest alpha"):
+            assert 0 < eps < default.get_epsilon(delta=1e-5)

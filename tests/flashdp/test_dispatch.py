@@ -100,6 +100,10 @@ def test_env_report_lists_the_dispatch_rules():
     info = report()
     assert "flashdp dispatch (cpu)" in info and "flashdp dispatch (cuda)" in info
     assert "fp32, weight-only" in info["flashdp dispatch (cuda)"] and "ghost" in info["flashdp dispatch (cpu)"]
+    # the kernel's status on a line of its own, not spliced into the middle of the rule's sentence
+    cuda_rule = info["flashdp dispatch (cuda)"]
+    assert "unavailable" not in cuda_rule and "whose tiles fit co-resident (cuda_once_fits" in cuda_rule
+    assert info["flashdp dispatch (cuda 'once' kernel)"]
 
 
 def test_once_kernel_built_ahead_once_per_cuda_device(monkeypatch):

@@ -209,3 +209,39 @@ def test_noise_state_is_seed_and_step_and_old_generator_states_are_refused_loudl
     with pytest.warns(RuntimeWarning, match="counter-based"):
         opt.load_state_dict(old)
     assert opt.steps == 1
+
+
+def _stepped_adamw(width: int, dtype=torch.float32, seed: int = 3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 2)).to(dtype)
+    flashdp.make_private(model, 1.0)
+    opt = flashdp.DPOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), noise_multiplier=1.0,
+                              expected_batch_size=4, seed=seed)
+    return model, opt
+
+
+@pytest.mark.parametrize("other,match", [
+    (dict(width=3), r"parameter 0 \(0\.weight\) is float32 of shape \(3, 4\) here but float32 of shape \(6, 4\)"),
+    (dict(width=6, dtype=torch.float64), r"parameter 0 \(0\.weight\) is float64 .* but float32"),
+], ids=["shapes", "dtypes"])
+def test_load_state_dict_of_another_model_names_the_tensor_and_changes_nothing(other, match):
+    """Same tensor count, other shapes (or dtypes): refused before the inner AdamW would fail mid-step."""
+    model, opt = _stepped_adamw(6)
+    _loss(model, torch.randn(4, 4)).backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    _model_b, opt_b = _stepped_adamw(**other, seed=5)
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt_b.param_groups])
+    with pytest.raises(ValueError, match=match):
+        opt_b.load_state_dict(saved)
+    assert (opt_b.steps, opt_b.noise_keys(), len(opt_b.state)) == (0, flashdp.noise.noise_keys(5, 0, False), 0)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt_b.param_groups] == groups_before
+    # a state without the recorded specs (e.g. the inner optimizer's own): Adam's moments are checked instead
+    inner_only = {k: v for k, v in saved.items() if k != "flashdp"}
+    if "dtype" not in other:
+        with pytest.raises(ValueError, match=r"'exp_avg' of parameter 0 \(0\.weight\) has shape \(6, 4\)"):
+            opt_b.load_state_dict(inner_only)
+    # and the model it was saved for loads it
+    _model_c, opt_c = _stepped_adamw(6, seed=5)
+    opt_c.load_state_dict(saved)
+    assert opt_c.steps == 1

@@ -116,3 +116,47 @@ def test_target_epsilon_calibrates_sigma_once(tmp_path, make_llama, monkeypatch)
     # the sample std of n normals is within 5 standard errors (1/√(2n) relative) with probability 1 − 6e-7
     assert noise.std().item() == pytest.approx(sigma * 1.0, rel=5 / (2 * n) ** 0.5)
     assert opt.noise_std == pytest.approx(sigma * 1.0, rel=1e-12)
+
+
+class _ScaledGradientTrainer(DPTrainer):
+    """The same loss value, its gradient scaled by ``gradient_scale``: only the private gradients differ."""
+
+    gradient_scale = 1.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+        return loss + (self.gradient_scale - 1.0) * (loss - loss.detach())
+
+
+TIMING_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+
+def _logged(tmp_path, make_llama, scale: float) -> list[dict]:
+    # lr = 0: the parameters never move, so both runs see the same losses at every step; C is large enough that
+    # no sample is clipped, so the clipped sum of the second run is 3x that of the first. The noise keys (seed)
+    # are shared. Any logged value computed from the un-noised clipped sum differs between the runs.
+    args = dp_args(tmp_path / str(scale), learning_rate=0.0, dp_max_grad_norm=1e6, logging_strategy="steps",
+                   logging_steps=1, num_train_epochs=1)
+    trainer = _ScaledGradientTrainer(model=make_llama(), args=args, train_dataset=dataset(),
+                                     data_collator=default_data_collator)
+    trainer.gradient_scale = scale
+    trainer.train()
+    return [{k: v for k, v in entry.items() if k not in TIMING_KEYS} for entry in trainer.state.log_history]
+
+
+def test_no_logged_value_depends_on_the_unnoised_gradient(tmp_path, make_llama):
+    """The Trainer's grad_norm (the norm of the clipped sum before the noise) must not reach the logs, nor any
+    other function of the private gradient: two runs whose clipped sums differ log identical entries."""
+    one, three = _logged(tmp_path, make_llama, 1.0), _logged(tmp_path, make_llama, 3.0)
+    assert all("grad_norm" not in entry for entry in one)
+    assert len(one) == len(three) == N // 8 + 1  # a line per step and the end-of-training summary
+    assert all("loss" in entry and "dp_epsilon" in entry for entry in one[:-1])
+    assert one == three  # exact: the same losses (lr = 0), the same ε, the same learning rates
+
+
+def test_log_refuses_a_grad_norm_entry(tmp_path, make_llama):
+    trainer = DPTrainer(model=make_llama(), args=dp_args(tmp_path), train_dataset=dataset(),
+                        data_collator=default_data_collator)
+    with pytest.raises(RuntimeError, match=r"grad_norm.*un-noised"):
+        trainer.log({"loss": 1.0, "grad_norm": 4.2})

@@ -325,6 +325,24 @@ def test_dropout_in_training_mode_is_refused(make_opt, batch):
     assert quiet.check_dropout is False
 
 
+@pytest.mark.parametrize("when", ["first step", "after training"])
+def test_refused_dropout_step_leaves_every_tensor_bit_identical(make_opt, batch, when):
+    """The dropout check runs before the first perturbation: nothing moves, not even by one rounding."""
+    model = make_opt(dropout=0.1)
+    opt = zo2.ZOSGD(model.parameters(), lr=1e-2, seed=0)
+    if when == "after training":
+        opt.step(lambda: model(**batch).loss)  # eval mode: fine; then the user switches to train mode
+    model.train()
+    before = {n: t.clone() for n, t in model.state_dict(keep_vars=True).items()}
+    state = (opt.step_count, opt.skipped_steps, opt.projected_grad)
+    with pytest.raises(ValueError, match=r"dropout is active.*\(p=0.1\).*model\.eval\(\)"):
+        opt.step(lambda: model(**batch).loss)
+    after = model.state_dict(keep_vars=True)
+    changed = [n for n, t in before.items() if not torch.equal(after[n], t)]
+    assert not changed, f"changed by the refused step: {changed}"
+    assert (opt.step_count, opt.skipped_steps, opt.projected_grad) == state
+
+
 def test_train_mode_without_dropout_is_fine(make_opt, batch):
     model = make_opt().train()  # dropout probabilities are all 0
     opt = zo2.ZOSGD(model.parameters(), lr=1e-2, seed=0)
@@ -376,3 +394,24 @@ def test_low_and_high_precision_models(make_opt, batch, dtype):
     assert torch.isfinite(loss)
     assert all(p.dtype == dtype for p in model.parameters())
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_load_state_dict_of_another_model_names_the_tensor_and_changes_nothing():
+    """ZOSGD keeps no per-parameter state, so torch compares nothing: the saved shapes and dtypes are checked."""
+    def linear_pair(width, dtype=torch.float32):
+        return [torch.nn.Parameter(torch.zeros(width, 4, dtype=dtype)), torch.nn.Parameter(torch.zeros(2, width))]
+
+    saved = zo2.ZOSGD(linear_pair(6), lr=1e-2, seed=1)
+    saved.step_count = 9
+    sd = saved.state_dict()
+    other = zo2.ZOSGD(linear_pair(3), lr=1e-2, seed=2)
+    here_and_saved = r"parameter 0 is float32 of shape \(3, 4\) here but float32 of shape \(6, 4\)"
+    with pytest.raises(ValueError, match=here_and_saved):
+        other.load_state_dict(sd)
+    assert (other.seed, other.step_count) == (2, 0)  # another run's seed and step were not taken
+    wrong_dtype = zo2.ZOSGD(linear_pair(6, torch.float64), lr=1e-2, seed=2)
+    with pytest.raises(ValueError, match=r"float64 of shape \(6, 4\) here but float32"):
+        wrong_dtype.load_state_dict(sd)
+    same = zo2.ZOSGD(linear_pair(6), lr=1e-2, seed=2)
+    same.load_state_dict(sd)
+    assert (same.seed, same.step_count) == (1, 9)

@@ -25,9 +25,11 @@ def zo_args(tmp_path, **kw):
     return ZOTrainingArguments(**base)
 
 
-def reference(make_opt, batch_size: int, accumulation: int, steps: int, seed: int = 7, offload: bool = False):
+def reference(make_opt, batch_size: int, accumulation: int, steps: int, seed: int = 7, offload: bool = False,
+              projected: list[float] | None = None):
     """The loop a user would write: ZOSGD + the same scheduler; accumulation = one direction per micro-batch;
-    ``offload`` attaches ``zo2.offload(device="cpu")`` and steps with ``accumulate=`` (one model call per closure)."""
+    ``offload`` attaches ``zo2.offload(device="cpu")`` and steps with ``accumulate=`` (one model call per closure);
+    ``projected`` collects each step's projected gradient."""
     model = make_opt()
     data = dataset()
     opt = zo2.ZOSGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-3, weight_decay=0.01,
@@ -48,6 +50,8 @@ def reference(make_opt, batch_size: int, accumulation: int, steps: int, seed: in
             calls = iter(range(10**6))
             opt.step(lambda micro=micro, calls=calls: model(**micro[next(calls) // 2]).loss)
         lrs.append(opt.param_groups[0]["lr"])
+        if projected is not None:
+            projected.append(opt.projected_grad)
         sched.step()
     return model, lrs
 
@@ -75,6 +79,19 @@ def test_zotrainer_matches_manual_loop(tmp_path, make_opt, accumulation):
     assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(0 < x < 10 for x in losses)
+
+
+def test_logs_carry_the_projected_gradient_not_a_zero_grad_norm(tmp_path, make_opt):
+    """Each step's log line holds that step's (L+ - L-) / 2ε, the value the hand-written loop's ZOSGD reports."""
+    trainer = ZOTrainer(model=make_opt(), args=zo_args(tmp_path), train_dataset=dataset(),
+                        data_collator=default_data_collator)
+    trainer.train()
+    want: list[float] = []
+    reference(make_opt, 3, 1, steps=4, projected=want)
+    entries = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("grad_norm" not in h for h in entries)
+    assert [h["projected_grad"] for h in entries] == want  # exact: the same losses, in the same order
+    assert all(g != 0 for g in want)
 
 
 def test_evaluate_and_save_see_flushed_parameters(tmp_path, make_opt, monkeypatch):
