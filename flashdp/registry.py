@@ -127,6 +127,12 @@ def register_layer(target: Target, converter: Converter | None = None, *, label:
     return None
 
 
+def mark_converted(cls: type) -> None:
+    """Record ``cls`` as a class conversion produces (the generic fallback's), so find_converter keeps it."""
+    with _lock:
+        _dp_classes.add(cls)
+
+
 def unregister_layer(target: Target) -> LayerRegistration:
     """Remove the newest registration for ``target`` (an earlier one, e.g. the built-in, applies again)."""
     with _lock:
