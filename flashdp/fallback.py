@@ -109,7 +109,8 @@ class DPFallbackMixin:
         tensors = [(i, t) for i, t in enumerate(leaves) if isinstance(t, Tensor)]
         if B is None:
             B = next((int(t.shape[0]) for _, t in tensors if t.dim() >= 1), None)
-        batched = [i for i, t in tensors if t.dim() >= 1 and t.shape[0] == B]
+        # dim 0 of B rows, or k·B rows: the batch flattened sample-major (MoE routers and experts see (B·T, d))
+        batched = [i for i, t in tensors if t.dim() >= 1 and t.shape[0] > 0 and B and t.shape[0] % B == 0]
         if not batched:
             raise _replay_error(self, f"none of its inputs has the batch dimension (dim 0 of size {B}), so its "
                                 "per-sample gradients cannot be separated")
@@ -173,7 +174,7 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
     for i, g in zip(rec.out_float, grads, strict=True):
         if g is None:
             continue
-        if g.dim() == 0 or g.shape[0] != B:
+        if g.dim() == 0 or g.shape[0] % B or g.shape[0] == 0:
             if bool(g.ne(0).any()):
                 raise _replay_error(mod, f"its output {i} of shape {tuple(g.shape)} has no batch dimension (dim 0 of "
                                     f"size {B}) yet receives a gradient, so per-sample gradients cannot be separated")
@@ -181,13 +182,13 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
         outs.append((i, g))
     if not outs:
         return {a: torch.zeros(B, *t.shape, dtype=t.dtype, device=t.device) for a, t in theta.items()}
-    xs = [rec.leaves[i] for i in rec.batched]
-    gs = [g for _, g in outs]
+    xs = [_per_sample(rec.leaves[i], B) for i in rec.batched]
+    gs = [_per_sample(g, B) for _, g in outs]
 
     def loss(th: dict[str, Tensor], xs_b: list[Tensor], gs_b: list[Tensor]) -> Tensor:
         leaves = list(rec.leaves)
         for i, x in zip(rec.batched, xs_b, strict=True):
-            leaves[i] = x.unsqueeze(0)
+            leaves[i] = x
         args, kwargs = tree_unflatten(leaves, rec.spec)
         with replaying():
             out = torch.func.functional_call(mod, {**fixed, **th}, tuple(args), kwargs, tie_weights=False,
@@ -196,10 +197,10 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
         total = None
         for (i, _), g in zip(outs, gs_b, strict=True):
             o = out_leaves[i]
-            if tuple(o.shape) != (1, *g.shape):
+            if o.shape != g.shape:
                 raise _replay_error(mod, f"its output {i} replayed on one sample has shape {tuple(o.shape)}, not "
-                                    f"{(1, *g.shape)}: its samples are not independent along dim 0")
-            term = (o * g.unsqueeze(0).to(o.dtype)).sum()
+                                    f"{tuple(g.shape)}: its samples are not independent along dim 0")
+            term = (o * g.to(o.dtype)).sum()
             total = term if total is None else total + term
         return total
 
@@ -221,6 +222,11 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
         for (a, t), g in zip(th.items(), got, strict=True):
             rows[a].append(torch.zeros_like(t) if g is None else g)
     return {a: torch.stack(r) for a, r in rows.items()}
+
+
+def _per_sample(t: Tensor, B: int) -> Tensor:
+    """(k·B, ...) → (B, k, ...): sample b's rows (sample-major), as the module sees one sample's input."""
+    return t.reshape(B, t.shape[0] // B, *t.shape[1:])
 
 
 _classes: dict[type, type] = {}
