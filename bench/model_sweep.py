@@ -28,8 +28,11 @@ import io
 import json
 import math
 import pathlib
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -160,15 +163,15 @@ def check_zosgd(model_type: str) -> dict[str, Any]:
     opt = zo2.ZOSGD(model.parameters(), lr=lr, eps=eps, seed=SEED)
     with torch.no_grad():
         opt.step(lambda: loss_of(model, ids))
-    params = list(dict.fromkeys(ref.parameters()))
+    params = [p for p in dict.fromkeys(ref.parameters()) if p.requires_grad]  # ZOSGD skips frozen ones
     with torch.no_grad():
         _, diffs = mezo_step_reference(params, lambda: loss_of(ref, ids), zo_step_seeds(SEED, 0, 1),
                                        list(range(len(params))), [(lr, eps, 0.0)] * len(params))
     g_ref = diffs[0] / eps
     err_g = abs(opt.projected_grad - g_ref)
     with torch.no_grad():
-        err_p = max(float((a - b).abs().max()) for a, b in zip(dict.fromkeys(model.parameters()), params,
-                                                                strict=True))
+        err_p = max(float((a - b).abs().max()) for a, b in zip(dict.fromkeys(model.parameters()),
+                                                                dict.fromkeys(ref.parameters()), strict=True))
         loss = abs(float(loss_of(ref, ids)))
         theta = max(float(p.abs().max()) for p in params)
     # Both sides are float64 with z from one Philox stream: the loss difference L+ − L− carries the rounding of
@@ -339,23 +342,68 @@ def run_one(model_type: str, columns: list[str] | None = None) -> dict[str, Any]
 
 def sweep(names: list[str], timeout: float, columns: list[str] | None = None,
           progress: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
-    """:func:`run_one` for each architecture, each in a fresh process with ``timeout`` seconds."""
-    rows = []
-    for name in names:
-        cmd = [sys.executable, "-P", "-m", "memtrain.bench.model_sweep", "--one", name]
+    """:func:`run_one` for each architecture in a worker process (one import of torch and transformers for many
+    rows), ``timeout`` seconds per architecture: a row that overruns or kills the worker is recorded as crashed
+    and a fresh worker goes on with the next architecture."""
+    rows: list[dict[str, Any]] = []
+    todo = list(names)
+    while todo:
+        cmd = [sys.executable, "-P", "-m", "memtrain.bench.model_sweep", "--worker", ",".join(todo),
+               "--timeout", str(timeout)]
         if columns:
             cmd += ["--columns", ",".join(columns)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            line = next((ln for ln in reversed(res.stdout.splitlines()) if ln.startswith("{")), None)
-            row = json.loads(line) if line else {"model_type": name, "skipped": None,
-                                                 "crashed": f"exit {res.returncode}: {res.stderr[-300:]}"}
-        except subprocess.TimeoutExpired:
-            row = {"model_type": name, "crashed": f"no result within {timeout:.0f} s"}
-        rows.append(row)
-        if progress:
-            progress(row)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump(p: subprocess.Popen = proc, q: queue.Queue = lines) -> None:
+            for ln in p.stdout:
+                q.put(ln)
+            q.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        limit = timeout + 120  # the worker's own alarm fires first; this catches a hang in C code or an import
+        while todo:
+            try:
+                line = lines.get(timeout=limit)
+            except queue.Empty:
+                line = None
+                proc.kill()
+            if line is None:  # the worker died or hung on todo[0]
+                proc.wait()
+                row = {"model_type": todo.pop(0), "crashed": f"the worker died or hung (exit {proc.returncode})"}
+            elif line.startswith("{"):
+                row = json.loads(line)
+                if todo and row.get("model_type") == todo[0]:
+                    todo.pop(0)
+                else:
+                    continue
+            else:
+                continue
+            rows.append(row)
+            if progress:
+                progress(row)
+            if line is None:
+                break
+        proc.kill()
+        proc.wait()
     return rows
+
+
+def _worker(names: list[str], timeout: float, columns: list[str] | None) -> None:
+    """Print one JSON row per architecture, each under an alarm of ``timeout`` seconds."""
+    def alarm(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"no result within {timeout:.0f} s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    for name in names:
+        signal.alarm(int(timeout))
+        try:
+            row = run_one(name, columns)
+        except TimeoutError as e:
+            row = {"model_type": name, "crashed": str(e)}
+        finally:
+            signal.alarm(0)
+        print(json.dumps(row), flush=True)
 
 
 def _cell(c: dict[str, Any] | None) -> str:
@@ -429,18 +477,23 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="memtrain-bench model-sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=None, help="comma-separated model types (default: every causal LM)")
     ap.add_argument("--columns", default=None, help=f"comma-separated subset of {', '.join(COLUMNS)}")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per architecture")
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per architecture")
     ap.add_argument("--out", default="bench-runs/model-sweep", help="folder for sweep.json and sweep.md")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--table", default=None, help="print the README table from a sweep.json and exit")
     args = ap.parse_args(argv)
     columns = args.columns.split(",") if args.columns else None
     if args.table:
         print(supported_models_markdown(json.loads(pathlib.Path(args.table).read_text())), end="")
         return
-    if args.one:
+    if args.one or args.worker:
+        import transformers
+
         torch.set_num_threads(1)
-        print(json.dumps(run_one(args.one, columns)))
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        _worker((args.one or args.worker).split(","), args.timeout, columns)
         return
     import transformers
 
