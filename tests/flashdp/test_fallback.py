@@ -149,6 +149,37 @@ class Tied(nn.Module):
         return self.scaled(self.lin(x)).sum(1)
 
 
+class TiedHead(nn.Module):
+    """An LM head reading a tied embedding table directly, with its own bias (a fallback module)."""
+
+    def __init__(self, emb):
+        super().__init__()
+        self.emb = [emb]  # not a submodule: the table is reached as a parameter of this module only
+        self.weight = emb.weight
+        self.bias = nn.Parameter(torch.randn(emb.num_embeddings) * 0.1)
+
+    def forward(self, h):
+        return h @ self.weight.t() + self.bias
+
+
+class TiedEmb(nn.Module):
+    def __init__(self, V=6, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.head = TiedHead(self.emb)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_embedding_tied_with_a_fallback_head_is_one_group(ref):
+    torch.manual_seed(8)
+    model, B = TiedEmb(), 5
+    ids = torch.randint(0, 6, (B, 3))  # repeated ids within a sample
+    check_against_loop(ref, model, lambda m, b: m(ids[b:b + 1]).pow(2).sum(), lambda m: m(ids).pow(2).sum(), B)
+    assert len(flashdp.privacy_state(model).groups) == 1
+
+
 def test_parameter_tied_between_fallback_and_linear_is_one_group(ref):
     torch.manual_seed(2)
     model, B = Tied(), 5
@@ -200,6 +231,7 @@ def test_bias_owned_by_a_head_and_its_decoder_is_clipped_once(ref):
         warnings.simplefilter("error", flashdp.FallbackWarning)  # no fallback: the decoder owns the bias
         check_against_loop(ref, model, lambda m, b: m(x[b:b + 1].to(m[0].weight.dtype)).pow(2).sum(),
                            lambda m: m(x).pow(2).sum(), B)
+    assert not isinstance(model[1], flashdp.fallback.DPFallbackMixin)  # the decoder owns the bias
     state = flashdp.privacy_state(model)
     state.check_unchanged()  # the head's own attribute counts as known
 
