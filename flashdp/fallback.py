@@ -68,6 +68,7 @@ class _Record:
     out_spec: Any
     out_leaves: int
     out_float: list[int]  # indices of the floating output leaves (passed through the capture Function)
+    outputs: list[Tensor]  # those leaves as the forward computed them (the replay must reproduce them)
 
 
 def fallback_bytes(model: nn.Module, batch_size: int) -> int:
@@ -129,7 +130,8 @@ class DPFallbackMixin:
             module=self, call=call,
             leaves=[t.detach() if isinstance(t, Tensor) else t for t in leaves], spec=spec, batched=batched,
             versions=[(i, t._version) for i, t in tensors], buffer_versions=[b._version for b in self.buffers()],
-            out_spec=out_spec, out_leaves=len(out_leaves), out_float=out_float)
+            out_spec=out_spec, out_leaves=len(out_leaves), out_float=out_float,
+            outputs=[out_leaves[i].detach() for i in out_float])
         new = _Capture.apply(rec, len(params), *params, *(out_leaves[i] for i in out_float))
         for i, t in zip(out_float, new, strict=True):
             out_leaves[i] = t
@@ -171,7 +173,7 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
     fixed = {n: p.detach() for n, p in mod.named_parameters(remove_duplicate=False) if n not in theta}
     fixed.update({n: b.clone() for n, b in mod.named_buffers(remove_duplicate=False)})  # a replay leaves them intact
     outs = []
-    for i, g in zip(rec.out_float, grads, strict=True):
+    for i, g, y in zip(rec.out_float, grads, rec.outputs, strict=True):
         if g is None:
             continue
         if g.dim() == 0 or g.shape[0] % B or g.shape[0] == 0:
@@ -179,11 +181,11 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
                 raise _replay_error(mod, f"its output {i} of shape {tuple(g.shape)} has no batch dimension (dim 0 of "
                                     f"size {B}) yet receives a gradient, so per-sample gradients cannot be separated")
             continue
-        outs.append((i, g))
+        outs.append((i, g, y))
     if not outs:
         return {a: torch.zeros(B, *t.shape, dtype=t.dtype, device=t.device) for a, t in theta.items()}
     xs = [_per_sample(rec.leaves[i], B) for i in rec.batched]
-    gs = [_per_sample(g, B) for _, g in outs]
+    gs = [_per_sample(g, B) for _, g, _ in outs]
 
     def loss(th: dict[str, Tensor], xs_b: list[Tensor], gs_b: list[Tensor]) -> Tensor:
         leaves = list(rec.leaves)
@@ -195,17 +197,20 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
                                              strict=False)
         out_leaves = tree_flatten(out)[0]
         total = None
-        for (i, _), g in zip(outs, gs_b, strict=True):
+        for (i, _, _), g in zip(outs, gs_b, strict=True):
             o = out_leaves[i]
             if o.shape != g.shape:
                 raise _replay_error(mod, f"its output {i} replayed on one sample has shape {tuple(o.shape)}, not "
                                     f"{tuple(g.shape)}: its samples are not independent along dim 0")
             term = (o * g.to(o.dtype)).sum()
             total = term if total is None else total + term
-        return total
+        return total, [out_leaves[i].detach() for i, _, _ in outs]
 
     try:
-        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0), randomness="error")(theta, xs, gs)
+        per, ys = torch.func.vmap(torch.func.grad(loss, has_aux=True), in_dims=(None, 0, 0),
+                                  randomness="error")(theta, xs, gs)
+        _check_replay(mod, outs, ys, B)
+        return per
     except FlashDPError:
         raise
     except RuntimeError as e:
@@ -214,14 +219,32 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
                                 "(dropout? call model.eval() or set its probability to 0)") from e
         logger.debug("flashdp: vmap cannot replay %s (%s); per-sample loop instead", type(mod).__name__, e)
     rows: dict[str, list[Tensor]] = {a: [] for a in theta}
+    ys_rows: list[list[Tensor]] = []
     for b in range(B):
         with torch.enable_grad():
             th = {a: t.clone().requires_grad_(True) for a, t in theta.items()}
-            val = loss(th, [x[b] for x in xs], [g[b] for g in gs])
+            val, ys_b = loss(th, [x[b] for x in xs], [g[b] for g in gs])
             got = torch.autograd.grad(val, list(th.values()), allow_unused=True)
         for (a, t), g in zip(th.items(), got, strict=True):
             rows[a].append(torch.zeros_like(t) if g is None else g)
+        ys_rows.append(ys_b)
+    _check_replay(mod, outs, [torch.stack(col) for col in zip(*ys_rows, strict=True)], B)
     return {a: torch.stack(r) for a, r in rows.items()}
+
+
+def _check_replay(mod: nn.Module, outs: list, ys: list[Tensor], B: int) -> None:
+    """Refuse if the per-sample replay does not reproduce the forward's outputs: dim 0 is then not (or not only)
+    the samples, e.g. Llama 4's experts see their tokens repeated expert-major, (E·B·T, d). Rounding of the
+    batched against the per-sample computation is far below 1024 units of the dtype's precision of the largest
+    output; a wrong sample layout mixes rows and is off by the values themselves."""
+    for (i, _, y), got in zip(outs, ys, strict=True):
+        want = _per_sample(y, B)
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        tol = 1024 * torch.finfo(want.dtype).eps * scale
+        if got.shape != want.shape or float((got.to(want.dtype) - want).abs().max(), ) > tol:
+            raise _replay_error(mod, f"replaying it one sample at a time does not reproduce its output {i}: dim 0 of "
+                                "its inputs is not the batch flattened sample-major (samples mixed in one row, or "
+                                "rows ordered another way)")
 
 
 def _per_sample(t: Tensor, B: int) -> Tensor:

@@ -41,7 +41,8 @@ def check_against_loop(ref, model, loss_fn, batch_loss, B, reduction="sum"):
         w = want[n]
         err32 = float((base[n].double() - w).abs().max())
         tol = 2 * err32 + 8 * U32 * float(w.abs().max()) + 1e-30
-        err = float((p.grad.double() - w).abs().max()) if p.grad is not None else float("inf")
+        got = p.grad if p.grad is not None else torch.zeros_like(p)  # unused in the forward: no gradient, as torch
+        err = float((got.double() - w).abs().max())
         assert err <= tol, f"{n}: err {err:.3g} > tol {tol:.3g}"
 
 
@@ -197,9 +198,8 @@ class Branchy(nn.Module):
         self.w = nn.Parameter(torch.randn(d))
 
     def forward(self, x):
-        if float(x.detach().sum()) > 0:
-            return x * self.w
-        return x * self.w * 2
+        idx = (x > 0).nonzero(as_tuple=True)  # a data-dependent shape: vmap refuses it
+        return (x * self.w).index_put(idx, (x * self.w * 2)[idx])
 
 
 def test_forward_vmap_cannot_run_takes_the_per_sample_loop(ref):
@@ -294,6 +294,23 @@ def _private(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", flashdp.FallbackWarning)
         return flashdp.make_private(model, 1.0)
+
+
+class SampleMixing(nn.Module):
+    """Its output rows mix samples (a batch mean): not per-sample, so the fallback must refuse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return (x - x.mean(0, keepdim=True)) * self.w
+
+
+def test_module_mixing_samples_is_refused_not_silently_wrong():
+    model = _private(nn.Sequential(nn.Linear(3, 3), SampleMixing()))
+    with pytest.raises(flashdp.FlashDPError, match="does not reproduce its output"):
+        model(torch.randn(4, 3)).pow(2).sum().backward()
 
 
 def test_refusals_name_the_module_and_the_fix():
@@ -393,3 +410,26 @@ def test_functional_call_keeps_the_replay_off_the_fused_layers(monkeypatch):
     model = _private(Outer())
     model(torch.randn(2, 3)).sum().backward()
     assert True in seen and False in seen
+
+
+def test_embedding_subclasses_take_the_fused_path(ref):
+    """BART's scaled word embedding and learned positions (offset 2, broadcast over the batch): DPEmbedding under
+    their own forward, no fallback, exact."""
+    from transformers import BartConfig, BartForCausalLM
+
+    torch.manual_seed(9)
+    cfg = BartConfig(vocab_size=40, d_model=16, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=24,
+                     max_position_embeddings=32, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                     scale_embedding=True)
+    model = BartForCausalLM(cfg).eval()
+    B, T = 3, 5
+    ids = torch.randint(3, 40, (B, T))
+
+    def loss(m, b):
+        return m(input_ids=ids[b:b + 1], labels=ids[b:b + 1]).loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", flashdp.FallbackWarning)
+        check_against_loop(ref, model, loss, lambda m: m(input_ids=ids, labels=ids).loss * B, B)
+    dec = model.model.decoder
+    assert isinstance(dec.embed_tokens, flashdp.DPEmbedding) and isinstance(dec.embed_positions, flashdp.DPEmbedding)
