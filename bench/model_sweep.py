@@ -192,10 +192,13 @@ def check_zosgd(model_type: str) -> dict[str, Any]:
     opt = zo2.ZOSGD(model.parameters(), lr=lr, eps=eps, seed=SEED)
     with torch.no_grad():
         opt.step(lambda: loss_of(model, ids))
-    params = [p for p in dict.fromkeys(ref.parameters()) if p.requires_grad]  # ZOSGD skips frozen ones
+    # ZOSGD perturbs the trainable parameters only; a parameter's noise stream is its position among all of them
+    everything = list(dict.fromkeys(ref.parameters()))
+    streams = [i for i, p in enumerate(everything) if p.requires_grad]
+    params = [everything[i] for i in streams]
     with torch.no_grad():
         _, diffs = mezo_step_reference(params, lambda: loss_of(ref, ids), zo_step_seeds(SEED, 0, 1),
-                                       list(range(len(params))), [(lr, eps, 0.0)] * len(params))
+                                       streams, [(lr, eps, 0.0)] * len(params))
     g_ref = diffs[0] / eps
     err_g = abs(opt.projected_grad - g_ref)
     with torch.no_grad():
