@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[dict[str, Method], list[str]]] = {
 TOOLS: dict[str, str] = {
     "plan": "predicted peak memory per method, without running anything",
     "kernels": "run a kernel micro-benchmark: memtrain-bench kernels NAME [ARGS ...]",
+    "model-sweep": "zo2 and flashdp against their definitions on every causal LM transformers builds tiny",
     "gpu-check": "the GPU verification: every GPU section in its own process, one JSON and a report (< 8 min)",
 }
 

@@ -9,6 +9,7 @@
     memtrain-bench kernels zo_perturb --numel 1000000          # a kernel micro-benchmark (``kernels`` lists them)
     memtrain-bench gpu-check --out bench-runs/gpu-check        # the GPU verification (< 8 min on one H100/H200)
     memtrain-bench dp-audit                                    # one-run privacy audit: ε lower bound vs accountant
+    memtrain-bench model-sweep --out bench/results/model-sweep  # zo2 and flashdp on every tiny causal LM
 
 Methods run in one process, interleaved round by round (``--rounds``, 7 by default); times are the
 median and p20/p80 of the round samples. Each run writes ``results.json`` (command, date, environment
@@ -317,6 +318,12 @@ def run_dp_audit(args: argparse.Namespace, argv: list[str] | None, planted: str 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``memtrain-bench``); returns None so that the exit status is 0 (gpu-check exits 1
     when a section failed)."""
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["model-sweep"]:
+        from .model_sweep import main as sweep_main
+
+        sweep_main(raw[1:])
+        return
     args = parse_args(argv)
     if args.command == "kernels":
         run_kernels(args)

@@ -9,7 +9,8 @@
 from .accounting import PrivacyAccountant, get_noise_multiplier
 from .data import poisson_loader
 from .distributed import DistributedDataParallel
-from .errors import FlashDPError, ModelChangedError, UnsupportedModuleError
+from .errors import FallbackWarning, FlashDPError, ModelChangedError, UnsupportedModuleError
+from .fallback import fallback_bytes
 from .groups import Component, Use
 from .layers_common import LayerCall, layer_call
 from .layers_embedding import DPEmbedding
@@ -30,12 +31,14 @@ __all__ = [
     "DPTrainer",
     "DPTrainingArguments",
     "DistributedDataParallel",
+    "FallbackWarning",
     "FlashDPError",
     "LayerCall",
     "ModelChangedError",
     "PrivacyAccountant",
     "UnsupportedModuleError",
     "Use",
+    "fallback_bytes",
     "get_noise_multiplier",
     "layer_call",
     "make_private",

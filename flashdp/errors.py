@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FlashDPError", "ModelChangedError", "UnsupportedModuleError"]
+__all__ = ["FallbackWarning", "FlashDPError", "ModelChangedError", "UnsupportedModuleError"]
 
 
 class FlashDPError(RuntimeError):
@@ -31,3 +31,7 @@ class UnsupportedModuleError(FlashDPError, ValueError):
 
 class ModelChangedError(FlashDPError):
     """The model's trainable parameters differ from those seen by ``make_private``."""
+
+
+class FallbackWarning(UserWarning):
+    """``make_private`` clips some modules with the generic fallback (slower, B × numel memory); names them."""

@@ -78,10 +78,19 @@ def inner(c1: Component, c2: Component) -> Tensor:
         lg = _left_gram(c1.left, c2.left)
         rg = torch.bmm(c1.right.float(), c2.right.float().transpose(1, 2))
         return (lg * rg).sum((1, 2))
-    raise FlashDPError(
-        "flashdp: a parameter is used both as a dense and as a factored (matrix) weight in one backward pass; "
-        "cross terms between these forms are not implemented. Untie the parameter or freeze it."
-    )
+    dense, fac = (c1, c2) if c1.kind == "dense" else (c2, c1)
+    B = dense.data.shape[0]
+    if fac.right.dim() != 3 or dense.data.numel() != B * fac.param.numel() or fac.param.dim() != 2:
+        raise FlashDPError(
+            "flashdp: a parameter is used both as a dense and as a factored (matrix) weight in one backward pass "
+            f"with shapes that do not match ({tuple(dense.data.shape)} vs {tuple(fac.param.shape)}). Untie the "
+            "parameter or freeze it."
+        )
+    D = dense.data.float().reshape(B, *fac.param.shape)  # (B, P, Q); factored: grad_b = left_bᵀ right_b
+    if fac.left.is_floating_point():  # Σ_t left_b[t]ᵀ D_b right_b[t]
+        return torch.einsum("btp,bpq,btq->b", fac.left.float(), D, fac.right.float())
+    rows = D.gather(1, fac.left[:, :, None].expand(-1, -1, D.shape[2]))  # D_b[ids_b[t], :]
+    return (rows * fac.right.float()).sum((1, 2))
 
 
 class Use:

@@ -19,6 +19,9 @@ The layer passes ``call`` to its autograd Function; in backward it hands the cli
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +32,26 @@ from . import dispatch
 from .errors import FlashDPError
 from .groups import ClipGroup, Use
 
-__all__ = ["LayerCall", "autocast_inputs", "dp_group", "flatten_batch", "layer_call", "trainable"]
+__all__ = ["LayerCall", "autocast_inputs", "dp_group", "flatten_batch", "in_replay", "layer_call", "replaying",
+           "trainable"]
+
+_replay = threading.local()
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[None]:
+    """Inside: every DP layer runs its plain forward (the generic fallback's per-sample replay of a module
+    that contains DP layers: their own clipping happens in the real backward, not in the replay)."""
+    _replay.depth = getattr(_replay, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _replay.depth -= 1
+
+
+def in_replay() -> bool:
+    """Whether this thread is inside :func:`replaying`."""
+    return getattr(_replay, "depth", 0) > 0
 
 
 def flatten_batch(t: Tensor, where: str, min_dim: int = 2, batch: int | None = None) -> Tensor:
@@ -150,7 +172,8 @@ def layer_call(module: nn.Module, x: Tensor, params: tuple[Tensor | None, ...] |
         allow_broadcast: accept one row in dim 0 under a larger model batch (see ``LayerCall.broadcast``).
 
     Returns:
-        ``None`` if grad mode is off or none of ``params`` is trainable (run the plain forward), else the
+        ``None`` if grad mode is off, none of ``params`` is trainable, or a fallback replay is running (run the
+        plain forward), else the
         :class:`LayerCall` to pass to the layer's autograd Function.
 
     Raises:
@@ -159,7 +182,7 @@ def layer_call(module: nn.Module, x: Tensor, params: tuple[Tensor | None, ...] |
     """
     if params is None:
         params = tuple(module._parameters.values())
-    if not (torch.is_grad_enabled() and any(trainable(p) for p in params)):
+    if in_replay() or not (torch.is_grad_enabled() and any(trainable(p) for p in params)):
         return None
     where = module.__dict__.get("_flashdp_name", type(module).__name__)
     if x.dim() < min_dim:

@@ -9,6 +9,10 @@ Sample b's gradient puts ``Σ_{t: ids_t = v} G_b[t]`` on row v. Its squared norm
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -98,3 +102,40 @@ class DPEmbedding(nn.Embedding):
 register_layer("transformers.models.opt.modeling_opt.OPTLearnedPositionalEmbedding", DPEmbedding, keep_forward=True,
                label="OPT's learned positional embedding (transformers)",
                description="as nn.Embedding (OPT's own forward computes the positions)")
+
+
+_DIRECT = r"self\.weight(?!\.(device|dtype|shape))|F\.embedding|\.embedding\("
+
+
+@functools.cache
+def _forward_reaches_embedding(cls: type) -> bool:
+    """Whether every ``forward`` override between ``cls`` and nn.Embedding only calls ``super().forward(...)``
+    (with ids it computes) and elementwise maths on the result, never the table itself: Gemma's and BART's
+    scaled word embeddings (``super().forward(ids) * self.embed_scale``), BART's and BioGPT's learned positions
+    (``super().forward(positions + self.offset)``). Read from the source: ``self.weight`` (but for its device,
+    dtype or shape) or ``F.embedding`` in a forward means the table is used directly: left to the fallback."""
+    for klass in cls.__mro__:
+        if klass is nn.Embedding:
+            return True
+        if "forward" not in vars(klass):
+            continue
+        try:
+            src = inspect.getsource(vars(klass)["forward"])
+        except (OSError, TypeError):
+            return False
+        if "super().forward(" not in src or re.search(_DIRECT, src):
+            return False
+    return False
+
+
+def _is_embedding_subclass_reaching_forward(module: nn.Module) -> bool:
+    cls = type(module)
+    return isinstance(module, nn.Embedding) and cls.forward is not nn.Embedding.forward and \
+        _forward_reaches_embedding(cls)
+
+
+register_layer(_is_embedding_subclass_reaching_forward, DPEmbedding, keep_forward=True,
+               label="nn.Embedding subclasses whose forward computes ids, calls super().forward and scales the result "
+               "(Gemma's and BART's scaled embeddings, BART's and BioGPT's learned positions)",
+               description="as nn.Embedding (the subclass's own forward runs around it; recognised from its source: "
+               "no direct use of the table)")

@@ -5,7 +5,8 @@ Per-sample gradients of the affine parameters are small ((B, d) each), so they a
 input. ``grad_input`` comes from the same ops as non-DP (torch's LayerNorm backward, or autograd over the
 recomputed normalisation for RMSNorm). Hugging Face RMSNorm classes are accepted by duck typing (a
 ``weight`` and ``variance_epsilon``/``eps``) and verified numerically by ``make_private``: the module's
-own forward must equal ``weight * normalize(x)`` (Gemma's ``(1 + weight)`` fails this and is refused).
+own forward must equal ``weight * normalize(x)`` (Gemma's ``(1 + weight)`` fails this and takes the generic
+fallback, :mod:`flashdp.fallback`).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def _is_llama_rms_norm(module: nn.Module) -> bool:
     """A Hugging Face ``*RMSNorm`` computing ``weight * normalize(x)`` in fp32 (Llama, Qwen2, Mistral...).
 
     Duck-typed (a 1-d ``weight`` and ``variance_epsilon``/``eps``) and confirmed numerically on a random input:
-    Gemma's ``(1 + weight) * normalize(x)`` fails the probe and stays unsupported.
+    Gemma's ``(1 + weight) * normalize(x)`` fails the probe and takes the generic fallback.
     """
     w = getattr(module, "weight", None)
     if not (type(module).__name__.endswith("RMSNorm") and isinstance(w, torch.Tensor) and w.dim() == 1
@@ -199,7 +200,7 @@ def _is_llama_rms_norm(module: nn.Module) -> bool:
 
 @register_layer(_is_llama_rms_norm, label="Hugging Face Llama-style *RMSNorm (Llama, Qwen2, Mistral...)",
                 description=_NORM_DOC + "; accepted when a numerical probe confirms `forward(x) == weight * "
-                "normalize(x)` (Gemma's `(1 + weight)` is refused)")
+                "normalize(x)` (Gemma's `(1 + weight)` takes the generic fallback)")
 class DPHFRMSNormMixin:
     """Mixed into a Hugging Face Llama-style RMSNorm class (weight * normalize(x), fp32 maths)."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import dispatch, fsdp, layers_embedding, layers_linear, layers_norm  # noqa: F401  (built-ins register)
-from .errors import ModelChangedError, UnsupportedModuleError
+from .errors import FallbackWarning, ModelChangedError, UnsupportedModuleError
+from .fallback import fallback_class
 from .groups import ClipGroup
 from .registry import find_converter, register_layer, supported_labels
 from .runtime import Runtime
@@ -125,6 +127,7 @@ class PrivacyState:
         for path, mod in model.named_modules():
             group = mod.__dict__.get("_flashdp_group")
             known = mod.__dict__.get("_flashdp_param_names", {}) if id(group) in mine else {}
+            known = {*known, *mod.__dict__.get("_flashdp_delegated", ())}
             new += [f"{path}.{a}" if path else a for a, p in mod._parameters.items()
                     if p is not None and p.requires_grad and a not in known]
         if new:
@@ -190,6 +193,7 @@ def make_private(
     *,
     group_max_grad_norms: Mapping[str, float] | Callable[[str], float | None] | None = None,
     loss_reduction: str = "mean",
+    fallback: bool = True,
 ) -> nn.Module:
     """Make ``model`` clip each sample's gradient per layer inside backward. In place; returns ``model``.
 
@@ -200,19 +204,27 @@ def make_private(
     sample dimension.
 
     Args:
-        model: any module whose trainable parameters all live in modules the layer registry matches
-            (``flashdp.registry``: nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, Hugging Face Llama-style
-            ``*RMSNorm``, GPT-2 ``Conv1D``, OPT's positional embedding, and ``@flashdp.register_layer`` layers).
+        model: any module. Trainable parameters in modules the layer registry matches (``flashdp.registry``:
+            nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, Hugging Face Llama-style ``*RMSNorm``, GPT-2
+            ``Conv1D``, OPT's positional embedding, ``@flashdp.register_layer`` layers) take the fused paths;
+            any other module's own trainable parameters take the generic fallback (see ``fallback``).
             Frozen parameters are ignored (LoRA works).
         max_grad_norm: C, the bound on the whole per-sample gradient's norm; each of the L groups gets
             ``C_l = C/√L`` unless overridden.
         group_max_grad_norms: per-group thresholds C_l, by the path of any module in the group (a mapping, or
             a function returning None for the default).
         loss_reduction: ``"mean"`` or ``"sum"``, see above.
+        fallback: clip modules no registered layer matches with the generic exact fallback
+            (:mod:`flashdp.fallback`: torch.func per-sample gradients, B × numel memory, a
+            :class:`FallbackWarning` naming them); ``False`` refuses them instead.
+
+    A parameter owned by a module and by one of its submodules (Hugging Face's ``decoder.bias = self.bias``
+    tying) belongs to the submodule: the owner's forward reaching it directly would raise in backward.
 
     Raises:
         ValueError: max_grad_norm ≤ 0 or a bad per-group threshold or reduction.
-        UnsupportedModuleError: lists every module with trainable parameters flashdp cannot clip.
+        UnsupportedModuleError: with ``fallback=False``, lists every module with trainable parameters no
+            registered layer matches.
     """
     if not isinstance(max_grad_norm, (int, float)) or not math.isfinite(max_grad_norm) or max_grad_norm <= 0:
         raise ValueError(f"flashdp.make_private: max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
@@ -225,26 +237,48 @@ def make_private(
         old.runtime.unwatch_all()
 
     owners: dict[int, list[str]] = {}
-    modules: dict[str, nn.Module] = {}
-    for path, mod in model.named_modules():
-        names = [n for n, p in mod._parameters.items() if p is not None and p.requires_grad]
-        if not names:
-            continue
-        modules[path] = mod
-        for n in names:
-            owners.setdefault(id(mod._parameters[n]), []).append(path)
+    all_mods = dict(model.named_modules())
+    for path, mod in all_mods.items():
+        for p in mod._parameters.values():
+            if p is not None and p.requires_grad:
+                owners.setdefault(id(p), []).append(path)
+    delegated: dict[str, set[str]] = {}  # an owner that also reaches the parameter through its submodule
+    for pid, paths in owners.items():
+        keep = [a for a in paths if not any(_is_ancestor(a, b) for b in paths)]
+        for a in set(paths) - set(keep):
+            attrs = all_mods[a]._parameters.items()
+            delegated.setdefault(a, set()).update(n for n, p in attrs if p is not None and id(p) == pid)
+        owners[pid] = keep
+    own: dict[str, list[str]] = {}  # path → its trainable attributes (a delegated one excluded)
+    for path, mod in all_mods.items():
+        names = [n for n, p in mod._parameters.items() if p is not None and p.requires_grad
+                 and n not in delegated.get(path, ())]
+        if names:
+            own[path] = names
+    modules = {path: all_mods[path] for path in own}
 
     converters: dict[str, object] = {}
     bad = []
+    fell_back = []
     for path, mod in modules.items():
         conv = find_converter(mod)
+        if conv is None and fallback:
+            conv = fallback_class(type(mod))
+            fell_back.append((path or "<root>", type(mod).__name__, sum(mod._parameters[a].numel() for a in own[path])))
         if conv is None:
-            names = [n for n, p in mod._parameters.items() if p is not None and p.requires_grad]
-            bad.append((path, type(mod).__name__, names))
+            bad.append((path, type(mod).__name__, own[path]))
         else:
             converters[path] = conv
     if bad:
         raise UnsupportedModuleError(bad, supported_labels())
+    if fell_back:
+        listed = ", ".join(f"{p} ({c}, {n} parameters)" for p, c, n in fell_back)
+        warnings.warn(
+            f"flashdp.make_private: no fused DP layer matches {len(fell_back)} module(s) with trainable parameters; "
+            f"they use the generic exact fallback (torch.func per-sample gradients; per backward: one more forward of "
+            f"the module and B x numel per-sample gradient elements held until the clip): {listed}. "
+            "flashdp.fallback_bytes(model, batch_size) gives the memory; register a DP layer to avoid it.",
+            FallbackWarning, stacklevel=2)
 
     first_name: dict[int, str] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
@@ -255,8 +289,7 @@ def make_private(
     runtime = Runtime()
     groups = []
     for paths in comps:
-        members = [(modules[path], a) for path in paths for a, p in modules[path]._parameters.items()
-                   if p is not None and p.requires_grad]
+        members = [(modules[path], a) for path in paths for a in own[path]]
         gnames = list(dict.fromkeys(first_name[id(mod._parameters[a])] for mod, a in members))
         c_l = max_grad_norm / math.sqrt(L)
         override = _override(group_max_grad_norms, paths)
@@ -272,8 +305,7 @@ def make_private(
             conv = converters[path]
             mod.__dict__["_flashdp_group"] = group
             mod.__dict__["_flashdp_name"] = path or type(mod).__name__
-            mod.__dict__["_flashdp_param_names"] = {a: first_name[id(p)] for a, p in mod._parameters.items()
-                                                    if p is not None and p.requires_grad}
+            mod.__dict__["_flashdp_param_names"] = {a: first_name[id(mod._parameters[a])] for a in own[path]}
             mod.__dict__["_flashdp_watched"] = {}  # the new runtime watches afresh (make_private called again)
             if isinstance(conv, type):
                 mod.__class__ = conv
@@ -286,10 +318,17 @@ def make_private(
         runtime.watch(mod)
     state.hooks.append(model.register_forward_pre_hook(state.forward_pre_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(runtime.forward_hook, always_call=True))
+    for path, attrs in delegated.items():
+        all_mods[path].__dict__["_flashdp_delegated"] = set(attrs)
     model.__dict__["_flashdp_state"] = state
     _own(state, state.parameters().values())
     fsdp.configure(state)  # a model sharded with FSDP2 already (make_private after fully_shard)
     return model
+
+
+def _is_ancestor(a: str, b: str) -> bool:
+    """Whether module path ``a`` is a strict ancestor of ``b`` (``""`` is the root)."""
+    return a != b and (a == "" or b.startswith(a + "."))
 
 
 def _override(spec, paths: list[str]) -> float | None:

@@ -127,6 +127,12 @@ def register_layer(target: Target, converter: Converter | None = None, *, label:
     return None
 
 
+def mark_converted(cls: type) -> None:
+    """Record ``cls`` as a class conversion produces (the generic fallback's), so find_converter keeps it."""
+    with _lock:
+        _dp_classes.add(cls)
+
+
 def unregister_layer(target: Target) -> LayerRegistration:
     """Remove the newest registration for ``target`` (an earlier one, e.g. the built-in, applies again)."""
     with _lock:
@@ -207,6 +213,10 @@ def supported_layers_markdown() -> str:
     lines = ["| module | how each sample's gradient is clipped |", "|---|---|"]
     for reg in registrations():
         lines.append(f"| {reg.label} | {reg.description or '(registered layer)'} |")
+    lines.append("| any other module with trainable parameters (`make_private(..., fallback=True)`, the default) | "
+                 "generic exact fallback (flashdp.fallback): the module's forward replayed per sample in backward, "
+                 "`vmap(grad)` of ⟨module(x_b; θ), G_b⟩ over its own parameters θ; B × numel fp32 per-sample "
+                 "gradients held until the clip (`flashdp.fallback_bytes`); a `FallbackWarning` names the modules |")
     return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ def test_layernorm_multi_dim_normalized_shape(ref):
     ref.assert_grads_close(model, want)
 
 
-def test_gemma_style_rmsnorm_is_refused():
+def test_gemma_style_rmsnorm_takes_the_fallback():
     class GemmaLikeRMSNorm(nn.Module):
         def __init__(self, d):
             super().__init__()
@@ -75,6 +75,8 @@ def test_gemma_style_rmsnorm_is_refused():
             return (h * (1.0 + self.weight.float())).type_as(x)
 
     with pytest.raises(flashdp.UnsupportedModuleError, match="GemmaLikeRMSNorm"):
+        flashdp.make_private(Wrap(GemmaLikeRMSNorm(5), 5), 1.0, fallback=False)
+    with pytest.warns(flashdp.FallbackWarning, match="GemmaLikeRMSNorm"):  # exactness: tests/flashdp/test_fallback.py
         flashdp.make_private(Wrap(GemmaLikeRMSNorm(5), 5), 1.0)
 
 

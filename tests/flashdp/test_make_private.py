@@ -24,7 +24,7 @@ class Mixed(nn.Module):
 
 def test_unsupported_modules_all_listed_with_fix():
     with pytest.raises(flashdp.UnsupportedModuleError) as info:
-        flashdp.make_private(Mixed(), 1.0)
+        flashdp.make_private(Mixed(), 1.0, fallback=False)
     msg = str(info.value)
     for path in ["conv (Conv2d)", "bn (BatchNorm1d)", "<root> (Mixed)"]:
         assert path in msg

@@ -1,6 +1,7 @@
 """The layer registry: a toy layer registered with the public API alone (against the float64 per-sample loop,
 tied use included), how targets match, and the supported-layer list in errors and docs/flashdp.md."""
 
+import copy
 import pathlib
 import re
 
@@ -122,7 +123,7 @@ def test_toy_layer_registered_with_public_api_matches_per_sample_loop(ref, scale
 
 def test_unregistered_toy_layer_is_refused_with_the_registry_list():
     with pytest.raises(flashdp.UnsupportedModuleError) as info:
-        flashdp.make_private(ToyNet(), 1.0)
+        flashdp.make_private(ToyNet(), 1.0, fallback=False)
     msg = str(info.value)
     assert "a (ScaledLinear)" in msg and "register_layer" in msg
     for reg in registry.registrations():
@@ -144,8 +145,10 @@ class OwnForward(nn.Linear):
 def test_subclass_matches_only_without_its_own_forward():
     model = nn.Sequential(PlainSubclass(3, 3), OwnForward(3, 3))
     with pytest.raises(flashdp.UnsupportedModuleError) as info:
-        flashdp.make_private(model, 1.0)
+        flashdp.make_private(model, 1.0, fallback=False)
     assert [m[0] for m in info.value.modules] == ["1"]
+    with pytest.warns(flashdp.FallbackWarning, match=r"1 \(OwnForward"):  # by default: the generic fallback
+        flashdp.make_private(copy.deepcopy(model), 1.0)
     model[1].requires_grad_(False)
     flashdp.make_private(model, 1.0)
     assert isinstance(model[0], flashdp.DPLinear) and isinstance(model[0], PlainSubclass)
