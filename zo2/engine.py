@@ -11,7 +11,8 @@ finishes the step from their losses, and the engine applies the update on each t
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -38,6 +39,19 @@ class TraceEvent:
     step: int
     half: int | None = None
     slot: int | None = None
+
+
+def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
+    """``method`` called through a weak reference to its object (a no-op once the object is gone), so
+    that the parts an engine owns do not keep it alive in a reference cycle."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args, **kwargs)
+
+    return call
 
 
 class OffloadEngine:
@@ -67,13 +81,14 @@ class OffloadEngine:
         self.scheduler: HalfScheduler | None = None
         self.dirty = False
         self.workers = HalfWorkers()
-        self.precision = make_precision(AMP_DTYPES[amp] if amp else None, index, device.type == "cuda", self._log)
+        log = _weak_method(self._log)  # the parts hold no reference to the engine: `del engine` frees it
+        self.precision = make_precision(AMP_DTYPES[amp] if amp else None, index, device.type == "cuda", log)
         self._place(model)
         # AMP on CUDA: the host-side master update and cast of the next blocks run on a host thread
         # while the GPU computes (the C++ kernel releases the GIL); on CPU they run inline.
         self.streamer = BlockStreamer(device, self.precision.stores, prefetch,
                                       self.precision.prepare if amp else None, self.precision.copies_back,
-                                      host_thread=amp is not None and device.type == "cuda", log=self._log)
+                                      host_thread=amp is not None and device.type == "cuda", log=log)
         self._hooks: list = []
         self._add_hooks()
 
@@ -287,7 +302,9 @@ class OffloadEngine:
         return self.streamer.time_transfers(rounds)
 
     def detach(self) -> nn.Module:
-        """Flush, remove the hooks and bring every parameter back to the host as a plain module."""
+        """Flush, remove the hooks and bring every parameter back to the host as a plain module: block
+        parameters get their own (pageable) memory and the host stores and staging slots are freed, so
+        nothing of the model points into them afterwards."""
         self.flush()
         for h in self._hooks:
             h.remove()
@@ -296,6 +313,7 @@ class OffloadEngine:
             for p in self.model.parameters():
                 if p.device.type != "cpu":
                     p.data = p.data.cpu()
+            self.precision.release_stores()  # block parameters get their own memory, block by block
             for module in self.model.modules():
                 for name, buf in module.named_buffers(recurse=False):
                     module._buffers[name] = buf.cpu()

@@ -92,6 +92,12 @@ class NativePrecision:
         """Bring block b's host store to clean θ."""
         self.block_state[b] = move(self.block_targets(b, master=True), self.block_state[b], None, {})
 
+    def release_stores(self) -> None:
+        """Give every block parameter its own copy of its host-store value and free the stores, one block
+        at a time (after a flush; the engine is detached)."""
+        for store in self.stores:
+            store.release()
+
     # --------------------------------------------------------------------------------- residents
     def add_resident(self, p: nn.Parameter) -> None:
         """Track trainable resident parameter ``p`` (already on the device)."""

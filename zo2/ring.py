@@ -13,6 +13,7 @@ or on worker threads with real events (:mod:`zo2.copy_executor`, for the stream-
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import weakref
 from collections.abc import Callable
@@ -79,9 +80,26 @@ def _register(ptr: int, nbytes: int) -> None:
                            "blocks, or free host memory")
 
 
-def _unregister(ptr: int) -> None:
+def _unregister(ptr: int, nbytes: int) -> None:
+    """Undo :func:`_register` (cudaHostUnregister); nothing to undo if CUDA was never initialised."""
     if torch.cuda.is_initialized():
         torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def _release(ptr: int, nbytes: int, mapping: mmap.mmap) -> None:
+    """Finalizer of a pinned buffer: unregister the range while ``mapping`` (held here) still maps it; the
+    range is unmapped only after this returns, when the last reference to ``mapping`` goes."""
+    _unregister(ptr, nbytes)
+
+
+def anonymous_mapping(size: int) -> mmap.mmap:
+    """A private anonymous mapping of ``size`` bytes (page-aligned), advised for transparent huge pages:
+    pinning hundreds of GB in 4 KB pages takes minutes. (``mmap(-1, n)`` alone is MAP_SHARED, which
+    transparent huge pages do not back.)"""
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
 
 
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
@@ -89,20 +107,24 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     are asynchronous).
 
     Pinned buffers do not come from ``torch.empty(pin_memory=True)``: the caching host allocator rounds
-    them up to a power of two (a 810 MB block would take 1 GiB). They are an anonymous page-aligned
-    mapping of :func:`pinned_nbytes` bytes registered with cudaHostRegister, unregistered when the
-    buffer is freed. Pageable buffers are plain ``torch.empty``.
+    them up to a power of two (a 810 MB block would take 1 GiB). They are a private anonymous mapping of
+    :func:`pinned_nbytes` bytes (:func:`anonymous_mapping`) registered with cudaHostRegister. The tensor
+    holds a ctypes view of the mapping, and the view holds the mapping: when the tensor's memory is freed,
+    the view's finalizer unregisters the range first, and the mapping is unmapped after it (so no other
+    thread can map the same addresses while they are still registered). Pageable buffers are plain
+    ``torch.empty``.
     """
     if not pin or nbytes == 0:
         return torch.empty(nbytes, dtype=torch.uint8)
     size = pinned_nbytes(nbytes)
-    mapping = mmap.mmap(-1, size)  # page-aligned; the tensor keeps the mapping alive
-    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=size)
-    ptr = flat.data_ptr()
+    mapping = anonymous_mapping(size)
+    region = (ctypes.c_uint8 * size).from_buffer(mapping)  # keeps the mapping alive while it lives
+    ptr = ctypes.addressof(region)
     _register(ptr, size)
-    # unregistered when the last view of the memory is gone; not at exit, where the process frees it anyway
-    weakref.finalize(mapping, _unregister, ptr).atexit = False
-    return flat[:nbytes]
+    # runs when the last view of the memory is gone, before the mapping is unmapped; not at exit, where
+    # the process frees it anyway
+    weakref.finalize(region, _release, ptr, size, mapping).atexit = False
+    return torch.frombuffer(region, dtype=torch.uint8, count=size)[:nbytes]
 
 
 @dataclass(frozen=True)
@@ -157,6 +179,14 @@ class BlockStore:
         """Point the block's parameters at ``tensors`` (device views while resident, master otherwise)."""
         for p, t in zip(self.params, tensors, strict=True):
             p.data = t
+
+    def release(self) -> None:
+        """Give the block's parameters their own memory holding the master's values (a plain module again)
+        and drop this store's buffer, so that it is freed (and unregistered, if pinned) once unreferenced."""
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master, strict=True):
+                p.data = m.clone()
+        self.master, self.master_flat, self.wire_flat = [], torch.empty(0, dtype=torch.uint8), None
 
 
 class Ring:

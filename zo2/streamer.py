@@ -250,8 +250,12 @@ class BlockStreamer:
         return out + [("staging", flat) for flat in (self.staging.buffers if self.staging is not None else [])]
 
     def close(self) -> None:
+        """Stop the host thread and the copy workers, and free the staging slots (after their uploads)."""
         if self.host_pool is not None:
             self.host_pool.shutdown()
+        if self.staging is not None:
+            self.staging.synchronize()
+            self.staging = None
         executor = self.ring.executor
         if executor is not None:
             self.ring.set_executor(None)
