@@ -22,6 +22,7 @@ from torch import nn
 from zo2.blocks import find_blocks, resident_modules
 from zo2.checks import dropout_error, loss_value, record_active_dropout
 from zo2.halves import HalfAborted, HalfScheduler, HalfWorkers, ThreadState
+from zo2.loading import checkpoint_source, named_params
 from zo2.optimizer import ZOSGD, Closure
 from zo2.plan import AMP_DTYPES, check_fits, plan_offload
 from zo2.precision import make_precision
@@ -73,7 +74,7 @@ class OffloadEngine:
         self.plan = plan_offload(model, amp=amp, prefetch=prefetch, num_perturbations=opt.num_perturbations,
                                  blocks=self.blocks, device=device,
                                  trainable=[p for p, _ in opt.unique_params() if id(p) in index])
-        block_bytes = sum(p.numel() * p.element_size() for b in self.blocks for p in b.parameters())
+        block_bytes = sum(p.numel() * p.element_size() for b in self.blocks for p in b.parameters() if not p.is_meta)
         check_fits(self.plan, device, self.plan.host_bytes - block_bytes)  # the store replaces the blocks
         if verbose:
             print(self.plan)
@@ -109,8 +110,14 @@ class OffloadEngine:
         """Blocks into their host stores, block buffers and resident modules onto the device."""
         index = self.precision.index
         self.resident_owners: list[tuple[nn.Module, list[nn.Parameter]]] = []
+        source = checkpoint_source(model)  # built by zo2.empty_pretrained: fill from the files, block by block
+        if source is not None:
+            in_blocks = {id(p) for b in self.blocks for p in b.parameters()}
+            source.load(model, named_params(model, skip=in_blocks))
         with torch.no_grad():
             for block in self.blocks:
+                if source is not None:
+                    source.load(model, named_params(model, [block]))
                 self.precision.add_block(block)
                 for owner in block.modules():
                     for name, buf in owner.named_buffers(recurse=False):
