@@ -95,8 +95,15 @@ def empty_pretrained(path: str | pathlib.Path, torch_dtype: torch.dtype = torch.
     # context, whose parameter registration would make the head a new meta Parameter again)
     model.tie_weights()
     model.eval()
+    for p in model.parameters():
+        p._zo2_from_checkpoint = True  # gone once filled: swap_tensors swaps the attributes out with the meta data
     _SOURCES[model] = source
     return model
+
+
+def from_checkpoint(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a meta parameter of a :func:`empty_pretrained` model, not filled yet."""
+    return getattr(p, "_zo2_from_checkpoint", False)
 
 
 def checkpoint_source(model: nn.Module) -> CheckpointSource | None:
