@@ -212,9 +212,18 @@ def run_plan(args: argparse.Namespace) -> dict:
     plans = []
     for model in args.model:
         inp = _plan_input(args, model)
-        plans += [{"model": model, **METHODS[m].plan_for(inp).as_json()} for m in args.methods]
+        plans += [_per_param({"model": model, **METHODS[m].plan_for(inp).as_json()}, inp.shape.params)
+                  for m in args.methods]
     print_plans(plans)
     return {"plans": plans}
+
+
+def _per_param(plan: dict, n_params: int) -> dict:
+    """A plan record with the model's parameter count and its device (and host) bytes per parameter."""
+    plan = {**plan, "n_params": n_params, "device_bytes_per_param": plan["total_bytes"] / n_params}
+    if "host_bytes" in plan:
+        plan["host_bytes_per_param"] = plan["host_bytes"]["total"] / n_params
+    return plan
 
 
 def _attach_plan(rec: dict, args: argparse.Namespace, model: str) -> None:

@@ -103,9 +103,11 @@ def _opacus_ghost_plan(i: PlanInput) -> dict[str, int]:
 
 
 DP_METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("nondp", "non-DP SGD", _nondp, backward_parts),
-    Method("flashdp", "flashdp", _flashdp, _flashdp_plan),
-    Method("opacus", "Opacus (per-sample hooks)", _opacus(False), _opacus_plan),
-    Method("opacus-ghost", "Opacus ghost clipping", _opacus(True), _opacus_ghost_plan),
+    Method("nondp", "non-DP SGD", _nondp, backward_parts, optimizer="SGD: no state"),
+    Method("flashdp", "flashdp", _flashdp, _flashdp_plan, optimizer="DPOptimizer(SGD): no state"),
+    Method("opacus", "Opacus (per-sample hooks)", _opacus(False), _opacus_plan,
+           optimizer="Opacus DPOptimizer(SGD): no state"),
+    Method("opacus-ghost", "Opacus ghost clipping", _opacus(True), _opacus_ghost_plan,
+           optimizer="Opacus DPOptimizer(SGD): no state"),
 )}
 DEFAULT_DP = list(DP_METHODS)

@@ -69,14 +69,13 @@ def _pinned_now() -> int:
 
 
 def _pinned_buffers(engine: zo2.OffloadEngine) -> int:
-    """Bytes of the page-locked host buffers the engine's stores hold (each storage once)."""
+    """Bytes of the page-locked host buffers the engine's stores and staging slots hold (each storage once)."""
     seen, total = set(), 0
-    for store in engine.stores:
-        for flat in (store.master_flat, store.wire_flat):
-            st = flat.untyped_storage()
-            if flat.is_pinned() and st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                total += st.nbytes()
+    for _, flat in engine.streamer.host_buffers():
+        st = flat.untyped_storage()
+        if flat.is_pinned() and st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
     return total
 
 
@@ -225,8 +224,9 @@ def section_opt_13b() -> dict:
     plan = zo2.plan_offload(meta, amp="bf16", prefetch=1)
     fp32 = sum(p.numel() for p in meta.parameters()) * 4
     # the fp32 model is built first; the store moves each block into its fp32 master (freeing the original)
-    # and adds its bf16 wire copy: at most the fp32 model + every wire copy, with 10% for the allocator
-    host_need = int(1.1 * (fp32 + plan.num_blocks * plan.block_bytes))
+    # and the staging slots hold the bf16 blocks in flight: the fp32 model + the plan's host bytes beyond
+    # the masters, with 10% for the allocator
+    host_need = int(1.1 * (fp32 + plan.staging_slots * plan.block_bytes))
     avail = psutil.virtual_memory().available
     out = {"model": "opt-13b", "batch": batch, "seq": seq, "plan": plan_json(plan, batch, seq),
            "host_need_bytes": host_need, "host_available_bytes": avail, "goal_bytes": GOAL_13B,

@@ -55,8 +55,10 @@ class Runner:
 class Method:
     """A benchmarked method: its name and label, its set-up and its memory plan, together.
 
-    ``plan`` maps the model's shapes and the run's sizes to the peak's parts in bytes. ``host_model``: the
-    model is built on the host and the method moves what it needs to the device (offload).
+    ``plan`` maps the model's shapes and the run's sizes to the peak's parts in bytes; ``optimizer`` names
+    the optimizer whose state they count; ``host`` maps them to the host memory an offloading method holds
+    beside the device's (pinned, pageable). ``host_model``: the model is built on the host and the method
+    moves what it needs to the device (offload).
     """
 
     name: str
@@ -64,10 +66,12 @@ class Method:
     setup: Callable[[Workload], Runner]
     plan: Callable[[PlanInput], dict[str, int]]
     host_model: bool = False
+    optimizer: str = ""
+    host: Callable[[PlanInput], dict[str, int]] | None = None
 
     def plan_for(self, inp: PlanInput) -> Plan:
         """The method's predicted peak memory for ``inp``, by part."""
-        return Plan(self.name, self.plan(inp))
+        return Plan(self.name, self.plan(inp), self.optimizer, self.host(inp) if self.host is not None else {})
 
 
 def freeze_all_but_linear(model: torch.nn.Module) -> None:

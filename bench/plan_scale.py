@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from .planner import Plan, PlanInput, offload_parts, saved_activations
+from .planner import Plan, PlanInput, offload_host, offload_parts, saved_activations
 
 SCALE_MODELS = ["llama2-13b", "llama2-70b", "opt-30b", "opt-66b", "opt-175b"]
 SHARDS = ("none", "ddp", "fsdp")
@@ -66,11 +66,16 @@ def _activations(i: PlanInput) -> int:
     return saved_activations(i.shape, i.tokens) * i.bytes + 2 * i.tokens * i.shape.vocab * i.bytes
 
 
-def flashdp_fsdp(i: PlanInput, world: int, state_bytes: int = 0) -> Plan:
+def _inner(optimizer: str, state_bytes: int) -> str:
+    """The name of flashdp's inner optimizer and the state per parameter its plan counts."""
+    return f"DPOptimizer({optimizer}): {state_bytes} bytes of state per parameter"
+
+
+def flashdp_fsdp(i: PlanInput, world: int, state_bytes: int = 0, optimizer: str = "sgd") -> Plan:
     """flashdp under FSDP2, one unit per block and the root: per-rank memory."""
     s, b, r = i.shape, i.bytes, per_rank(i, world)
     root = s.params - s.in_blocks
-    return Plan("flashdp FSDP2", {
+    return Plan("flashdp FSDP2", optimizer=_inner(optimizer, state_bytes), components={
         "sharded params, grads, optimizer state  P/N·(b_p+b_g+s)": math.ceil(s.params / world) * (2 * b + state_bytes),
         "root unsharded (params + grads)  P_r·(b_p+b_g)": root * 2 * b,
         "largest unit gathered, double-buffered  2·P_u·b_p": 2 * s.block * b,
@@ -81,10 +86,10 @@ def flashdp_fsdp(i: PlanInput, world: int, state_bytes: int = 0) -> Plan:
     })
 
 
-def flashdp_ddp(i: PlanInput, world: int, state_bytes: int = 0) -> Plan:
+def flashdp_ddp(i: PlanInput, world: int, state_bytes: int = 0, optimizer: str = "sgd") -> Plan:
     """flashdp under DDP: a full replica, its gradients and DDP's gradient buckets (a second copy of them)."""
     s, b, r = i.shape, i.bytes, per_rank(i, world)
-    return Plan("flashdp DDP", {
+    return Plan("flashdp DDP", optimizer=_inner(optimizer, state_bytes), components={
         "replica  P·b_p": i.weights,
         "gradients  P·b_g": s.trainable * b,
         "gradient buckets  P·b_g": s.trainable * b,
@@ -99,7 +104,7 @@ def zo2_fsdp(i: PlanInput, world: int) -> Plan:
     """zo2.ZOSGD over FSDP2 (zo2.attach_fsdp): shards, the gathered root and blocks, one forward's peak."""
     s, b, r = i.shape, i.bytes, per_rank(i, world)
     root = s.params - s.in_blocks
-    return Plan("zo2 FSDP2", {
+    return Plan("zo2 FSDP2", optimizer="ZOSGD: no state", components={
         "shards  ⌈P/W⌉·b": math.ceil(s.params / world) * b,
         "root gathered  R·c": root * b,
         "blocks: computing, next, all-gather buffer  3·B_blk·c": 3 * s.block * b,
@@ -111,14 +116,16 @@ def zo2_fsdp(i: PlanInput, world: int) -> Plan:
 def zo2_ddp(i: PlanInput, world: int) -> Plan:
     """zo2.ZOSGD with a replica per rank: the whole model and one forward's peak (no gradients, no state)."""
     r = per_rank(i, world)
-    return Plan("zo2 DDP", {"replica  P·b": i.weights,
+    return Plan("zo2 DDP", optimizer="ZOSGD: no state", components={"replica  P·b": i.weights,
                             "one block's forward temporaries  B·T·(2·F+4·H)·c": block_temporaries(r) * i.bytes,
                             "logits, fp32 upcast, log-softmax  B·T·V·(c+4+4·[c<4])": logits_bytes(r)})
 
 
 def zo2_offload_rank(i: PlanInput, world: int, amp: bool) -> Plan:
     """zo2.offload on each rank (data parallel; it does not combine with FSDP2): zo2.plan_offload's parts."""
-    return Plan("zo2 offload" + (" + AMP" if amp else "") + " (per rank)", offload_parts(per_rank(i, world), amp))
+    r = per_rank(i, world)
+    return Plan("zo2 offload" + (" + AMP" if amp else "") + " (per rank)", offload_parts(r, amp),
+                optimizer="ZOSGD: no state", host=offload_host(r, amp))
 
 
 def scale_plans(i: PlanInput, world: int, shard: str, optimizer: str = "sgd") -> list[Plan]:
@@ -127,9 +134,9 @@ def scale_plans(i: PlanInput, world: int, shard: str, optimizer: str = "sgd") ->
         raise ValueError(f"world size must be >= 1, got {world}")
     state = OPTIMIZER_STATE_BYTES[optimizer]
     if shard == "fsdp":
-        plans = [flashdp_fsdp(i, world, state), zo2_fsdp(i, world)]
+        plans = [flashdp_fsdp(i, world, state, optimizer), zo2_fsdp(i, world)]
     elif shard == "ddp":
-        plans = [flashdp_ddp(i, world, state), zo2_ddp(i, world)]
+        plans = [flashdp_ddp(i, world, state, optimizer), zo2_ddp(i, world)]
     else:
         raise ValueError(f"shard must be 'ddp' or 'fsdp' here, got {shard!r}")
     return [*plans, zo2_offload_rank(i, world, amp=False), zo2_offload_rank(i, world, amp=True)]

@@ -91,17 +91,25 @@ def model_shape(name: str, trainable: str = "all") -> Shape:
 
 @dataclass
 class Plan:
-    """Predicted peak memory of one method, in bytes, with its parts."""
+    """Predicted peak memory of one method, in bytes, with its parts (device memory; on a CPU run, the
+    process's). ``optimizer`` names the optimizer whose state the parts count; ``host`` is the host memory
+    an offloading method holds beside the device's (``pinned`` and ``pageable`` bytes), empty otherwise."""
 
     method: str
     components: dict[str, int] = field(default_factory=dict)
+    optimizer: str = ""
+    host: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return sum(self.components.values())
 
     def as_json(self) -> dict:
-        return {"method": self.method, "total_bytes": self.total, "components_bytes": dict(self.components)}
+        out = {"method": self.method, "total_bytes": self.total, "components_bytes": dict(self.components),
+               "optimizer": self.optimizer}
+        if self.host:
+            out["host_bytes"] = {**self.host, "total": sum(self.host.values())}
+        return out
 
 
 @dataclass(frozen=True)
@@ -163,14 +171,33 @@ def forward_only_parts(i: PlanInput, noise_values: int = 0) -> dict[str, int]:
     return {"weights": i.weights, "activations (no grad)": fwd}
 
 
+@functools.cache
+def _offload_plan(name: str, dtype: torch.dtype, amp: bool, prefetch: int, device: str):
+    """``zo2.plan_offload`` of a preset's meta-device model (cached: OPT-175B's takes seconds). Under AMP
+    the model is the fp32 one whatever ``dtype``: ``zo2.offload`` keeps an fp32 master and refuses a
+    16-bit model with AMP."""
+    import zo2
+
+    if amp:
+        dtype = torch.float32
+
+    # bf16 and fp16 copies have the same size: the plan's bytes do not depend on which one the engine picks
+    return zo2.plan_offload(cached_meta_model(name, dtype), amp="bf16" if amp else None, prefetch=prefetch,
+                            device=device)
+
+
+def offload_host(i: PlanInput, amp: bool) -> dict[str, int]:
+    """zo2.offload's host memory (``zo2.plan_offload``): ``pinned`` (what crosses the bus, page-locked on
+    CUDA: natively the blocks' master, under AMP the staging slots) and ``pageable`` (the fp32 master
+    under AMP)."""
+    plan = _offload_plan(i.shape.name, i.dtype, amp, i.ring_slots - 1, i.device)
+    return {"pinned": plan.pinned_host_bytes, "pageable": plan.pageable_host_bytes}
+
+
 def offload_parts(i: PlanInput, amp: bool) -> dict[str, int]:
     """zo2.offload's peak, from zo2's own plan of the meta-device model (``zo2.plan_offload``): resident
     modules, the ring of block slots, a step's activations and logits; on the CPU also the host store."""
-    import zo2
-
-    # bf16 and fp16 copies have the same size: the plan's bytes do not depend on which one the engine picks
-    plan = zo2.plan_offload(cached_meta_model(i.shape.name, i.dtype), amp="bf16" if amp else None,
-                            prefetch=i.ring_slots - 1, device=i.device)
+    plan = _offload_plan(i.shape.name, i.dtype, amp, i.ring_slots - 1, i.device)
     parts = {
         "resident": plan.resident_bytes,
         "offload ring": plan.ring_bytes,

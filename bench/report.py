@@ -128,21 +128,40 @@ def print_op_profiles(comparisons: list[dict]) -> None:
                     ["op", c["baseline"], c["method"], "difference"], rows)
 
 
-def print_plans(plans: list[dict]) -> None:
-    from ._harness import print_table
+def _host_text(p: dict) -> str:
+    """A plan's host memory, pinned / pageable (GiB), or '-' for a method that holds none beside the device."""
+    host = p.get("host_bytes")
+    if not host:
+        return "-"
+    return f"{host['total'] / 2**30:.2f} ({host['pinned'] / 2**30:.2f} / {host['pageable'] / 2**30:.2f})"
 
-    rows = [[p["model"], p["method"], _fmt(p["total_bytes"], 2**30, ".2f"),
-             ", ".join(f"{k} {v / 2**30:.2f}" for k, v in p["components_bytes"].items() if v)] for p in plans]
-    print_table("planned peak memory (GiB)", ["model", "method", "GiB", "parts (GiB)"], rows)
+
+def print_plans(plans: list[dict]) -> None:
+    """One line per (model, method): device peak, host memory (offload: pinned / pageable), the optimizer
+    whose state is counted; then each part of the device peak on its own line (fits 120 columns)."""
+    head = f"{'model':<12} {'method':<17} {'device GiB':>10}  {'host GiB (pinned / pageable)':<30} optimizer state"
+    print("\nplanned peak memory (GiB): device (the process's on a CPU run) and, for offload, host beside it")
+    print(head)
+    print("-" * len(head))
+    for p in plans:
+        print(f"{p['model'][:12]:<12} {p['method'][:17]:<17} {p['total_bytes'] / 2**30:>10.2f}  "
+              f"{_host_text(p):<30} {p.get('optimizer') or '-'}")
+        for k, v in p["components_bytes"].items():
+            if v:
+                print(f"{'':<31}{v / 2**30:>10.2f}    {k[:75]}")
 
 
 def print_breakdowns(title: str, plans: list[dict]) -> None:
-    """Each plan's total and every line of its breakdown (GiB), one term per line."""
+    """Each plan's total and every line of its breakdown (GiB), one term per line; the optimizer whose state
+    it counts, and the host memory beside the device's for offload."""
     print(f"\n{title}")
     for p in plans:
-        print(f"\n{p['model']}, {p['method']}: {p['total_bytes'] / 2**30:.2f} GiB")
+        print(f"\n{p['model']}, {p['method']}: {p['total_bytes'] / 2**30:.2f} GiB on the device"
+              + (f"; optimizer {p['optimizer']}" if p.get("optimizer") else ""))
         for k, v in p["components_bytes"].items():
             print(f"  {v / 2**30:10.3f}  {k}")
+        if p.get("host_bytes"):
+            print(f"  host: {_host_text(p)} GiB (pinned / pageable)")
 
 
 def _pyplot():

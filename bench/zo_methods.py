@@ -25,7 +25,7 @@ import torch
 import zo2
 
 from .methods import Method, Runner, Workload, lm_loss
-from .planner import PlanInput, backward_parts, forward_only_parts, offload_parts
+from .planner import PlanInput, backward_parts, forward_only_parts, offload_host, offload_parts
 
 LR, EPS = 1e-7, 1e-3
 
@@ -167,18 +167,24 @@ def _adamw_plan(i: PlanInput) -> dict[str, int]:
 
 
 ZO_METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("adamw", "AdamW (first order)", _first_order(lambda ps: torch.optim.AdamW(ps, lr=1e-5)), _adamw_plan),
-    Method("sgd", "SGD (first order)", _first_order(lambda ps: torch.optim.SGD(ps, lr=1e-5)), backward_parts),
+    Method("adamw", "AdamW (first order)", _first_order(lambda ps: torch.optim.AdamW(ps, lr=1e-5)), _adamw_plan,
+           optimizer="AdamW: 2 moments per parameter"),
+    Method("sgd", "SGD (first order)", _first_order(lambda ps: torch.optim.SGD(ps, lr=1e-5)), backward_parts,
+           optimizer="SGD: no state"),
     # MeZO's noise: z and the two temporaries of p.data + scale·z·ε for the largest parameter
-    Method("mezo", "textbook MeZO", _mezo, lambda i: forward_only_parts(i, noise_values=3 * i.shape.largest)),
-    Method("zo2", "zo2.ZOSGD", _zo2, forward_only_parts),  # z is generated inside the kernel, never stored
-    Method("zo2-offload", "zo2 + offload", _offload(False), lambda i: offload_parts(i, amp=False), host_model=True),
+    Method("mezo", "textbook MeZO", _mezo, lambda i: forward_only_parts(i, noise_values=3 * i.shape.largest),
+           optimizer="MeZO: no state"),
+    Method("zo2", "zo2.ZOSGD", _zo2, forward_only_parts,  # z is generated inside the kernel, never stored
+           optimizer="ZOSGD: no state"),
+    Method("zo2-offload", "zo2 + offload", _offload(False), lambda i: offload_parts(i, amp=False), host_model=True,
+           optimizer="ZOSGD: no state", host=lambda i: offload_host(i, amp=False)),
     Method("zo2-offload-amp", "zo2 + offload + AMP", _offload(True), lambda i: offload_parts(i, amp=True),
-           host_model=True),
+           host_model=True, optimizer="ZOSGD: no state", host=lambda i: offload_host(i, amp=True)),
     # B per-sample losses per half beside zo2's state: the same plan
-    Method("dpzo", "zo2.DPZOSGD (private)", _dpzo, forward_only_parts),
+    Method("dpzo", "zo2.DPZOSGD (private)", _dpzo, forward_only_parts, optimizer="DPZOSGD: no state"),
     Method("dpzo-offload", "zo2.DPZOSGD + offload", _offload(False, private=True),
-           lambda i: offload_parts(i, amp=False), host_model=True),
-    Method("forward", "two forward passes", _forward, forward_only_parts),
+           lambda i: offload_parts(i, amp=False), host_model=True, optimizer="DPZOSGD: no state",
+           host=lambda i: offload_host(i, amp=False)),
+    Method("forward", "two forward passes", _forward, forward_only_parts, optimizer="none"),
 )}
 DEFAULT_ZO = ["adamw", "sgd", "mezo", "zo2", "zo2-offload", "zo2-offload-amp"]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from memtrain.kernels.philox import DISTRIBUTIONS, SUPPORTED_DTYPES, is_dense
+from zo2.loading import from_checkpoint
 
 # Float attributes through which Hugging Face modules apply functional dropout while training.
 FUNCTIONAL_DROPOUT_ATTRS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "resid_pdrop")
@@ -40,13 +41,15 @@ def check_options(num_perturbations: int, distribution: str) -> None:
         raise ValueError(f"ZOSGD: distribution must be one of {sorted(DISTRIBUTIONS)}, got {distribution!r}")
 
 
-def check_parameter(p: torch.Tensor, index: int) -> None:
-    """Refuse a parameter the noise kernels cannot update in place."""
+def check_parameter(p: torch.Tensor, index: int, allow_meta: bool = False) -> None:
+    """Refuse a parameter the noise kernels cannot update in place (``allow_meta``: at construction, a meta
+    parameter of a model built by :func:`zo2.empty_pretrained`, which ``zo2.offload`` fills from its
+    checkpoint)."""
     where = f"ZOSGD: parameter {index} (shape {tuple(p.shape)})"
     if p.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{where} has dtype {p.dtype}; zo2 updates float32, float64, bfloat16 and float16 "
                         "parameters: convert the model (e.g. model.float()) or freeze it (requires_grad_(False))")
-    if p.device.type not in ("cpu", "cuda"):
+    if p.device.type not in ("cpu", "cuda") and not (allow_meta and p.is_meta and from_checkpoint(p)):
         raise ValueError(f"{where} is on {p.device}; zo2 runs on cpu and cuda: move the model there")
     if not is_dense(p):
         raise ValueError(f"{where} is a view with strides {p.stride()}; pass the tensor it views instead")

@@ -11,7 +11,8 @@ finishes the step from their losses, and the engine applies the update on each t
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from torch import nn
 from zo2.blocks import find_blocks, resident_modules
 from zo2.checks import dropout_error, record_active_dropout
 from zo2.halves import HalfAborted, HalfScheduler, HalfWorkers, ThreadState
+from zo2.loading import checkpoint_source, named_params
 from zo2.optimizer import ZOSGD, Closure
 from zo2.plan import AMP_DTYPES, check_fits, plan_offload
 from zo2.precision import make_precision
@@ -38,6 +40,19 @@ class TraceEvent:
     step: int
     half: int | None = None
     slot: int | None = None
+
+
+def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
+    """``method`` called through a weak reference to its object (a no-op once the object is gone), so
+    that the parts an engine owns do not keep it alive in a reference cycle."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args, **kwargs)
+
+    return call
 
 
 class OffloadEngine:
@@ -59,7 +74,7 @@ class OffloadEngine:
         self.plan = plan_offload(model, amp=amp, prefetch=prefetch, num_perturbations=opt.num_perturbations,
                                  blocks=self.blocks, device=device,
                                  trainable=[p for p, _ in opt.unique_params() if id(p) in index])
-        block_bytes = sum(p.numel() * p.element_size() for b in self.blocks for p in b.parameters())
+        block_bytes = sum(p.numel() * p.element_size() for b in self.blocks for p in b.parameters() if not p.is_meta)
         check_fits(self.plan, device, self.plan.host_bytes - block_bytes)  # the store replaces the blocks
         if verbose:
             print(self.plan)
@@ -67,13 +82,14 @@ class OffloadEngine:
         self.scheduler: HalfScheduler | None = None
         self.dirty = False
         self.workers = HalfWorkers()
-        self.precision = make_precision(AMP_DTYPES[amp] if amp else None, index, device.type == "cuda", self._log)
+        log = _weak_method(self._log)  # the parts hold no reference to the engine: `del engine` frees it
+        self.precision = make_precision(AMP_DTYPES[amp] if amp else None, index, device.type == "cuda", log)
         self._place(model)
         # AMP on CUDA: the host-side master update and cast of the next blocks run on a host thread
         # while the GPU computes (the C++ kernel releases the GIL); on CPU they run inline.
         self.streamer = BlockStreamer(device, self.precision.stores, prefetch,
                                       self.precision.prepare if amp else None, self.precision.copies_back,
-                                      host_thread=amp is not None and device.type == "cuda", log=self._log)
+                                      host_thread=amp is not None and device.type == "cuda", log=log)
         self._hooks: list = []
         self._add_hooks()
 
@@ -94,8 +110,14 @@ class OffloadEngine:
         """Blocks into their host stores, block buffers and resident modules onto the device."""
         index = self.precision.index
         self.resident_owners: list[tuple[nn.Module, list[nn.Parameter]]] = []
+        source = checkpoint_source(model)  # built by zo2.empty_pretrained: fill from the files, block by block
+        if source is not None:
+            in_blocks = {id(p) for b in self.blocks for p in b.parameters()}
+            source.load(model, named_params(model, skip=in_blocks))
         with torch.no_grad():
             for block in self.blocks:
+                if source is not None:
+                    source.load(model, named_params(model, [block]))
                 self.precision.add_block(block)
                 for owner in block.modules():
                     for name, buf in owner.named_buffers(recurse=False):
@@ -296,7 +318,9 @@ class OffloadEngine:
         return self.streamer.time_transfers(rounds)
 
     def detach(self) -> nn.Module:
-        """Flush, remove the hooks and bring every parameter back to the host as a plain module."""
+        """Flush, remove the hooks and bring every parameter back to the host as a plain module: block
+        parameters get their own (pageable) memory and the host stores and staging slots are freed, so
+        nothing of the model points into them afterwards."""
         self.flush()
         for h in self._hooks:
             h.remove()
@@ -305,6 +329,7 @@ class OffloadEngine:
             for p in self.model.parameters():
                 if p.device.type != "cpu":
                     p.data = p.data.cpu()
+            self.precision.release_stores()  # block parameters get their own memory, block by block
             for module in self.model.modules():
                 for name, buf in module.named_buffers(recurse=False):
                     module._buffers[name] = buf.cpu()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from zo2.engine import OffloadEngine, TraceEvent
+from zo2.loading import checkpoint_source
 from zo2.optimizer import ZOSGD
 from zo2.plan import AMP_DTYPES
 
@@ -46,7 +47,9 @@ def offload(model: nn.Module, opt: ZOSGD, device: str | torch.device = "cuda", a
     """Stream ``model``'s transformer blocks through ``device`` during ``opt.step(closure)``.
 
     Args:
-        model: a model on the CPU (e.g. a Hugging Face causal LM) in eval mode (dropout off).
+        model: a model on the CPU (e.g. a Hugging Face causal LM) in eval mode (dropout off), or one built
+            by :func:`zo2.empty_pretrained` (parameters on the meta device, filled here from the
+            checkpoint one block at a time).
         opt: the :class:`zo2.ZOSGD` built from ``model.parameters()``.
         device: where the compute runs; "cpu" runs the same engine and schedule without a GPU.
         amp: None (the parameters' dtype), "bf16" or "fp16" (fp32 master on the host, low-precision
@@ -81,7 +84,9 @@ def offload(model: nn.Module, opt: ZOSGD, device: str | torch.device = "cuda", a
             dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type != "cpu":
         raise ValueError(f"zo2.offload: device must be 'cpu' or 'cuda', got {device!r}")
-    on_device = [n for n, p in model.named_parameters() if p.device.type != "cpu"]
+    from_files = checkpoint_source(model) is not None  # zo2.empty_pretrained: meta parameters, filled here
+    on_device = [n for n, p in model.named_parameters()
+                 if p.device.type != "cpu" and not (from_files and p.device.type == "meta")]
     if on_device:
         raise ValueError(f"zo2.offload: parameters are already on {model.get_parameter(on_device[0]).device} "
                          f"({on_device[0]}, ...); load the model on the CPU: the engine moves the resident modules "

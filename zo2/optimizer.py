@@ -126,7 +126,7 @@ class ZOSGD(torch.optim.Optimizer):
         self._engine: StepEngine | None = None
         self._sharding: FSDPSharding | None = None
         for index, (p, _) in enumerate(self.unique_params()):
-            check_parameter(local_shard(p, f"parameter {index}")[0], index)
+            check_parameter(local_shard(p, f"parameter {index}")[0], index, allow_meta=True)  # checked again per step
 
     # ------------------------------------------------------------------------------------ parameters
     def unique_params(self) -> list[tuple[torch.Tensor, int]]:

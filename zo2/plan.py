@@ -17,7 +17,8 @@ from torch import nn
 
 from memtrain.memory import available_host_bytes
 from zo2.blocks import check_block_ownership, find_blocks, tensors_bytes
-from zo2.ring import store_allocations, wire_layout
+from zo2.ring import staging_allocations, store_allocations, wire_layout
+from zo2.staging import staging_slots
 
 __all__ = ["AMP_DTYPES", "OffloadPlan", "available_host_bytes", "check_fits", "plan_offload"]
 
@@ -47,10 +48,18 @@ class OffloadPlan:
     hidden_size: int | None = None
     vocab_size: int | None = None
     compute_itemsize: int = 4
+    staging_slots: int = 0  # AMP: host slots of the low-precision copies in flight (zo2.staging)
+    num_params: int = 0  # the model's parameters (each tied one once)
+
+    @property
+    def host_bytes_per_param(self) -> float:
+        """Host bytes of the block stores and staging slots per model parameter."""
+        return self.host_bytes / self.num_params if self.num_params else 0.0
 
     @property
     def host_bytes(self) -> int:
-        """The block stores' host memory: pinned (what crosses the bus, on CUDA) + pageable."""
+        """The block stores' and staging slots' host memory: pinned (what crosses the bus, on CUDA) +
+        pageable."""
         return self.pinned_host_bytes + self.pageable_host_bytes
 
     @property
@@ -75,7 +84,7 @@ class OffloadPlan:
             f"  ring on device         {_fmt(self.ring_bytes):>12}  "
             f"({self.ring_slots} slots x {_fmt(self.block_bytes)})",
             f"  host store             {_fmt(self.host_bytes):>12}  ({self.num_blocks} blocks"
-            + (", fp32 master + low-precision copy" if self.amp else "")
+            + (f", fp32 master + {self.staging_slots} staging slots in {self.amp}" if self.amp else "")
             + f"; pinned {_fmt(self.pinned_host_bytes)}, pageable {_fmt(self.pageable_host_bytes)})",
         ]
         if self.hidden_size is not None:
@@ -97,8 +106,9 @@ def plan_offload(model: nn.Module, *, amp: str | None = None, prefetch: int = 1,
         every buffer), ``ring_bytes`` (``prefetch + 1`` slots of the largest block as it crosses the bus)
         and the block stores' host memory as allocated (:func:`zo2.ring.store_allocations`):
         ``pinned_host_bytes`` (on CUDA, what crosses the bus, page-rounded: natively the master, under
-        AMP the low-precision wire copy) and ``pageable_host_bytes`` (the fp32 master under AMP;
-        everything on the CPU); ``host_bytes`` is their sum.
+        AMP the ``prefetch + 2`` staging slots of the low-precision copies in flight, :mod:`zo2.staging`)
+        and ``pageable_host_bytes`` (the fp32 master under AMP; everything on the CPU); ``host_bytes``
+        is their sum.
     """
     if amp not in (None, *AMP_DTYPES):
         raise ValueError(f"zo2.offload: amp must be None, 'bf16' or 'fp16', got {amp!r}")
@@ -116,9 +126,11 @@ def plan_offload(model: nn.Module, *, amp: str | None = None, prefetch: int = 1,
         resident += sum(p.numel() * 4 for p in residents if id(p) in train)
     resident += tensors_bytes(list(model.buffers()))
     pin = torch.device(device).type == "cuda"
-    allocations = [a for b, wire in zip(block_modules, block_bytes, strict=True)
+    allocations = [a for b in block_modules
                    for a in store_allocations(wire_layout(list(b.parameters()), None).nbytes,
-                                              wire if amp_dtype is not None else None, pin)]
+                                              amp_dtype is not None, pin)]
+    stages = staging_slots(prefetch) if amp_dtype is not None else 0
+    allocations += staging_allocations(stages, max(block_bytes), pin)
     config = getattr(model, "config", None)
     slots = prefetch + 1
     return OffloadPlan(
@@ -127,7 +139,8 @@ def plan_offload(model: nn.Module, *, amp: str | None = None, prefetch: int = 1,
         pinned_host_bytes=sum(a.nbytes for a in allocations if a.pinned),
         pageable_host_bytes=sum(a.nbytes for a in allocations if not a.pinned),
         num_halves=2 * num_perturbations, hidden_size=getattr(config, "hidden_size", None),
-        vocab_size=getattr(config, "vocab_size", None), compute_itemsize=wire_size or 4)
+        vocab_size=getattr(config, "vocab_size", None), compute_itemsize=wire_size or 4, staging_slots=stages,
+        num_params=sum(p.numel() for p in model.parameters()))
 
 
 def check_fits(plan: OffloadPlan, device: torch.device, extra_host_bytes: int) -> None:
@@ -144,5 +157,5 @@ def check_fits(plan: OffloadPlan, device: torch.device, extra_host_bytes: int) -
     avail = available_host_bytes()
     if avail is not None and extra_host_bytes > avail:
         raise MemoryError(f"zo2.offload: the host store needs {_fmt(extra_host_bytes)} more host memory but "
-                          f"{_fmt(avail)} is available; free host memory, or use amp=None (no low-precision "
-                          f"copy).\n{plan}")
+                          f"{_fmt(avail)} is available; free host memory, or use amp=None (no fp32 master)."
+                          f"\n{plan}")

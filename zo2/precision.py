@@ -7,10 +7,10 @@ Two strategies, chosen by ``zo2.offload(..., amp=)``:
   θ-εz, its update deferred to the next step's first pass). One :class:`NoiseState` per block describes
   both copies. Resident parameters are perturbed in place on the device, moved to a half's state each time
   that half takes the baton.
-- :class:`HostMasterPrecision` (``amp="bf16"/"fp16"``): the host store holds an fp32 master and a
-  low-precision wire copy; the device copy is made from the clean master, perturbed, and discarded after
-  the last half. The update lands on the master, on the host, before its next upload (:meth:`prepare`),
-  so updates far below a bf16 ulp accumulate. Trainable resident parameters keep an fp32 master on the
+- :class:`HostMasterPrecision` (``amp="bf16"/"fp16"``): the host store holds an fp32 master; its
+  low-precision copy is written into a staging slot just before each upload (:meth:`prepare`, fused with
+  the update that lands on the master, so updates far below a bf16 ulp accumulate); the device copy is
+  perturbed and discarded after the last half. Trainable resident parameters keep an fp32 master on the
   device and a low-precision compute copy; frozen ones only the low-precision copy (their fp32 original
   waits on the host for observers).
 
@@ -78,8 +78,9 @@ class NativePrecision:
         return [Target(t, *self.index[id(p)]) for p, t in zip(store.params, tensors, strict=True)
                 if id(p) in self.index]
 
-    def prepare(self, b: int) -> None:
-        """Host-side work before block b's upload: nothing here (the device copy carries the state)."""
+    def prepare(self, b: int, wire: list[torch.Tensor]) -> None:
+        """Host-side work before block b's upload: nothing here (the master is uploaded and the device copy
+        carries the state)."""
 
     def enter_block(self, b: int, record: StepRecord, target: dict[int, float]) -> None:
         """The pass that takes resident block b to a half's state (fused with the deferred update)."""
@@ -91,6 +92,12 @@ class NativePrecision:
     def flush_block(self, b: int) -> None:
         """Bring block b's host store to clean θ."""
         self.block_state[b] = move(self.block_targets(b, master=True), self.block_state[b], None, {})
+
+    def release_stores(self) -> None:
+        """Give every block parameter its own copy of its host-store value and free the stores, one block
+        at a time (after a flush; the engine is detached)."""
+        for store in self.stores:
+            store.release()
 
     # --------------------------------------------------------------------------------- residents
     def add_resident(self, p: nn.Parameter) -> None:
@@ -133,29 +140,24 @@ class HostMasterPrecision(NativePrecision):
         self.frozen: dict[int, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}  # param, fp32 on host, lowp
         self.resident_casts = 0  # low-precision casts of trainable resident masters made so far
 
-    def prepare(self, b: int) -> None:
-        """Apply block b's pending update to its host master and fill its low-precision wire copy (runs
-        on a host thread ahead of the uploads on CUDA machines: the C++ kernel releases the GIL)."""
+    def prepare(self, b: int, wire: list[torch.Tensor]) -> None:
+        """Block b's host pass before an upload: apply its pending update to the host master and write its
+        low-precision copy into ``wire`` (views of a staging slot) in the same pass; tensors without a
+        pending update are cast alone. Runs on a host thread ahead of the uploads on CUDA machines (the C++
+        kernel releases the GIL)."""
         store = self.stores[b]
+        fused: set[int] = set()
         if not self.block_state[b].clean:
-            targets = self.block_targets(b, master=True)
-            if store.wire_current():
-                # the wire copy is the master before this update: update the trained tensors and refresh
-                # their wire copies in one fused pass (the others' copies stay current)
-                wire = {id(m): w for m, w in zip(store.master, store.wire, strict=True)}
-                targets = [dataclasses.replace(t, cast=wire[id(t.tensor)]) for t in targets]
-                self.block_state[b] = move(targets, self.block_state[b], None, {})
-                store.mark_wire_current()
-            else:
-                self.block_state[b] = move(targets, self.block_state[b], None, {})
-                store.invalidate_wire()
+            wire_of = {id(m): w for m, w in zip(store.master, wire, strict=True)}
+            targets = [dataclasses.replace(t, cast=wire_of[id(t.tensor)])
+                       for t in self.block_targets(b, master=True)]
+            self.block_state[b] = move(targets, self.block_state[b], None, {})
+            fused = {id(t.tensor) for t in targets}
             self.log("prepare", b)
-        store.fill_wire()
-
-    def flush_block(self, b: int) -> None:
-        if not self.block_state[b].clean:
-            super().flush_block(b)
-            self.stores[b].invalidate_wire()
+        for m, w in zip(store.master, wire, strict=True):
+            if id(m) not in fused:
+                w.copy_(m)
+        store.casts += 1
 
     def enter_block(self, b: int, record: StepRecord, target: dict[int, float]) -> None:
         # a freshly uploaded device copy is the clean master in low precision

@@ -3,7 +3,8 @@
 Each block's parameters live in one flat host buffer (allocated once), so an upload or an offload is
 a single copy. On CUDA machines what crosses the bus is pinned at its exact size, page-rounded (not
 through the caching host allocator's powers of two): the master natively, only the low-precision wire
-copy under AMP (:func:`host_buffer`, :func:`store_allocations`). The device holds ``slots``
+copy of the block in flight under AMP (:func:`host_buffer`, :func:`store_allocations`,
+:mod:`zo2.staging`). The device holds ``slots``
 preallocated flat buffers; a resident block's parameters are views into its slot. On CUDA, uploads
 run on their own stream, offloads on another, and the compute stream waits on CUDA events only: the
 host never synchronises in the steady state. On CPU the same schedule runs with synchronous copies,
@@ -12,6 +13,7 @@ or on worker threads with real events (:mod:`zo2.copy_executor`, for the stream-
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import weakref
 from collections.abc import Callable
@@ -78,9 +80,26 @@ def _register(ptr: int, nbytes: int) -> None:
                            "blocks, or free host memory")
 
 
-def _unregister(ptr: int) -> None:
+def _unregister(ptr: int, nbytes: int) -> None:
+    """Undo :func:`_register` (cudaHostUnregister); nothing to undo if CUDA was never initialised."""
     if torch.cuda.is_initialized():
         torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def _release(ptr: int, nbytes: int, mapping: mmap.mmap) -> None:
+    """Finalizer of a pinned buffer: unregister the range while ``mapping`` (held here) still maps it; the
+    range is unmapped only after this returns, when the last reference to ``mapping`` goes."""
+    _unregister(ptr, nbytes)
+
+
+def anonymous_mapping(size: int) -> mmap.mmap:
+    """A private anonymous mapping of ``size`` bytes (page-aligned), advised for transparent huge pages:
+    pinning hundreds of GB in 4 KB pages takes minutes. (``mmap(-1, n)`` alone is MAP_SHARED, which
+    transparent huge pages do not back.)"""
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
 
 
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
@@ -88,47 +107,59 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     are asynchronous).
 
     Pinned buffers do not come from ``torch.empty(pin_memory=True)``: the caching host allocator rounds
-    them up to a power of two (a 810 MB block would take 1 GiB). They are an anonymous page-aligned
-    mapping of :func:`pinned_nbytes` bytes registered with cudaHostRegister, unregistered when the
-    buffer is freed. Pageable buffers are plain ``torch.empty``.
+    them up to a power of two (a 810 MB block would take 1 GiB). They are a private anonymous mapping of
+    :func:`pinned_nbytes` bytes (:func:`anonymous_mapping`) registered with cudaHostRegister. The tensor
+    holds a ctypes view of the mapping, and the view holds the mapping: when the tensor's memory is freed,
+    the view's finalizer unregisters the range first, and the mapping is unmapped after it (so no other
+    thread can map the same addresses while they are still registered). Pageable buffers are plain
+    ``torch.empty``.
     """
     if not pin or nbytes == 0:
         return torch.empty(nbytes, dtype=torch.uint8)
     size = pinned_nbytes(nbytes)
-    mapping = mmap.mmap(-1, size)  # page-aligned; the tensor keeps the mapping alive
-    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=size)
-    ptr = flat.data_ptr()
+    mapping = anonymous_mapping(size)
+    region = (ctypes.c_uint8 * size).from_buffer(mapping)  # keeps the mapping alive while it lives
+    ptr = ctypes.addressof(region)
     _register(ptr, size)
-    # unregistered when the last view of the memory is gone; not at exit, where the process frees it anyway
-    weakref.finalize(mapping, _unregister, ptr).atexit = False
-    return flat[:nbytes]
+    # runs when the last view of the memory is gone, before the mapping is unmapped; not at exit, where
+    # the process frees it anyway
+    weakref.finalize(region, _release, ptr, size, mapping).atexit = False
+    return torch.frombuffer(region, dtype=torch.uint8, count=size)[:nbytes]
 
 
 @dataclass(frozen=True)
 class HostAllocation:
-    """One host buffer of a block store: its role, the bytes allocated for it, and whether it is pinned."""
+    """One host buffer of a block store or of the staging slots: its role, the bytes allocated for it, and
+    whether it is pinned."""
 
     name: str
     nbytes: int
     pinned: bool
 
 
-def store_allocations(master_bytes: int, wire_bytes: int | None, pin: bool) -> list[HostAllocation]:
-    """The host buffers of a block store, as :class:`BlockStore` allocates them and the plan counts them.
+def store_allocations(master_bytes: int, amp: bool, pin: bool) -> list[HostAllocation]:
+    """The host buffer of a block store, as :class:`BlockStore` allocates it and the plan counts it.
 
-    Only what crosses the bus is pinned: natively the master itself; under AMP (``wire_bytes`` given)
-    the low-precision wire copy, while the fp32 master, which the host alone reads and writes, stays
-    pageable."""
-    if wire_bytes is None:
-        return [HostAllocation("master", pinned_nbytes(master_bytes) if pin else master_bytes, pin)]
-    return [HostAllocation("master", master_bytes, False),
-            HostAllocation("wire", pinned_nbytes(wire_bytes) if pin else wire_bytes, pin)]
+    Only what crosses the bus is pinned: natively the master itself; under AMP the fp32 master, which the
+    host alone reads and writes, stays pageable (its low-precision copy lives in a staging slot only while
+    in flight: :func:`staging_allocations`)."""
+    pinned = pin and not amp
+    return [HostAllocation("master", pinned_nbytes(master_bytes) if pinned else master_bytes, pinned)]
+
+
+def staging_allocations(slots: int, wire_bytes: int, pin: bool) -> list[HostAllocation]:
+    """The staging slots under AMP (:class:`zo2.staging.StagingRing`): ``slots`` buffers of the largest
+    block's wire copy, pinned on CUDA."""
+    return [HostAllocation("staging", pinned_nbytes(wire_bytes) if pin else wire_bytes, pin)] * slots
 
 
 class BlockStore:
-    """A block's host storage: ``master`` (its parameters in their own dtype; the fp32 master under
-    AMP) and ``wire`` (what crosses the bus: the master itself, or a low-precision copy under AMP).
-    ``allocations`` lists the host buffers as allocated (see :func:`store_allocations`)."""
+    """A block's host storage: ``master`` (its parameters in their own dtype; the fp32 master under AMP).
+
+    ``wire_layout`` is the block as it crosses the bus; natively ``wire_flat`` is the master itself,
+    under AMP it is None: the low-precision copy is written into a staging slot just before each upload
+    (:mod:`zo2.staging`). ``allocations`` lists the host buffer as allocated (:func:`store_allocations`);
+    ``casts`` counts the low-precision copies of the master made so far (AMP)."""
 
     def __init__(self, block: nn.Module, amp_dtype: torch.dtype | None, pin: bool) -> None:
         self.params: list[nn.Parameter] = list(block.parameters())  # each tensor once, tied or not
@@ -139,48 +170,23 @@ class BlockStore:
             for view, p in zip(self.master, self.params, strict=True):
                 view.copy_(p.data)
                 p.data = view  # the original storage is freed here, one block at a time
-        if amp_dtype is None:
-            self.wire_layout, self.wire_flat, self.wire = self.master_layout, self.master_flat, self.master
-        else:
-            self.wire_layout = wire_layout(self.params, amp_dtype)
-            self.wire_flat = host_buffer(self.wire_layout.nbytes, pin)
-            self.wire = self.wire_layout.views(self.wire_flat)
-        self.allocations = store_allocations(self.master_layout.nbytes,
-                                             None if amp_dtype is None else self.wire_layout.nbytes, pin)
-        self.casts = 0  # low-precision casts of the master made so far (AMP)
-        self._wire_key: int | None = None  # the master's version the wire copy was cast from
-
-    def wire_current(self) -> bool:
-        """Whether the wire copy is the master's current value, cast (AMP)."""
-        return self._wire_key is not None and self._wire_key == self.master_flat._version
-
-    def mark_wire_current(self) -> None:
-        """The wire copy was refreshed with the master (the fused update-and-cast pass)."""
-        self._wire_key = self.master_flat._version
-        self.casts += 1
-
-    def invalidate_wire(self) -> None:
-        """The master changed behind the version counter (the C++ update writes through a pointer)."""
-        self._wire_key = None
-
-    def fill_wire(self) -> None:
-        """Under AMP: the low-precision copy of the master, ready to be uploaded. Cached: cast again only
-        when the master changed since the last cast (:meth:`invalidate_wire`, or any in-place torch
-        write to it, which bumps its version counter)."""
-        if self.wire_flat is self.master_flat:
-            return
-        key = self.master_flat._version
-        if self._wire_key == key:
-            return
-        for w, m in zip(self.wire, self.master, strict=True):
-            w.copy_(m)
-        self.casts += 1
-        self._wire_key = key
+        self.wire_layout = wire_layout(self.params, amp_dtype)
+        self.wire_flat: torch.Tensor | None = self.master_flat if amp_dtype is None else None
+        self.allocations = store_allocations(self.master_layout.nbytes, amp_dtype is not None, pin)
+        self.casts = 0
 
     def attach(self, tensors: list[torch.Tensor]) -> None:
         """Point the block's parameters at ``tensors`` (device views while resident, master otherwise)."""
         for p, t in zip(self.params, tensors, strict=True):
             p.data = t
+
+    def release(self) -> None:
+        """Give the block's parameters their own memory holding the master's values (a plain module again)
+        and drop this store's buffer, so that it is freed (and unregistered, if pinned) once unreferenced."""
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master, strict=True):
+                p.data = m.clone()
+        self.master, self.master_flat, self.wire_flat = [], torch.empty(0, dtype=torch.uint8), None
 
 
 class Ring:
@@ -233,10 +239,11 @@ class Ring:
         if self.before_copy is not None:
             self.before_copy(kind, slot)
 
-    def upload(self, slot: int, source: torch.Tensor, after=None) -> None:
+    def upload(self, slot: int, source: torch.Tensor, after=None):
         """Copy the flat host buffer ``source`` into ``slot`` (asynchronously on CUDA or with an executor),
         after the slot's previous occupant has left it and after ``after`` (the offload that last wrote
-        ``source``: a CUDA event, a HostEvent, or None)."""
+        ``source``: a CUDA event, a HostEvent, or None). Returns the event that marks the end of the copy
+        (None with synchronous CPU copies): ``source`` may be written again once it has happened."""
         n = source.numel()
         dest = self.buffers[slot][:n]
         waits = [e for e in (self._freed[slot], after) if e is not None]
@@ -246,18 +253,21 @@ class Ring:
                     self.upload_stream.wait_event(event)
                 self._delay("upload", slot)
                 dest.copy_(source, non_blocking=True)
-                self._uploaded[slot].record(self.upload_stream)
-            return
+                done = torch.cuda.Event()  # a fresh event per upload: a waiter on it never sees a later one
+                done.record(self.upload_stream)
+            self._uploaded[slot] = done
+            return done
         if self.executor is None:
             self._delay("upload", slot)
             dest.copy_(source)
-            return
+            return None
 
         def copy() -> None:
             self._delay("upload", slot)
             dest.copy_(source)
 
         self._uploaded[slot] = self.executor.upload.submit(waits, copy)
+        return self._uploaded[slot]
 
     def wait_uploaded(self, slot: int) -> None:
         """Order the current (compute) stream after the upload into ``slot`` (on the CPU: block the

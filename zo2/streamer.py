@@ -5,11 +5,13 @@ computing: :meth:`BlockStreamer.pump`), orders the compute after each upload (:m
 the last half leaves a block, offloads it (:meth:`release`: copied back into its host store, or dropped
 when the precision strategy keeps the state on the host). A forward outside a step (evaluation) streams
 the blocks the same way, with the same prefetch, from the flushed host stores
-(:meth:`begin_observation`, :meth:`observe`, :meth:`end_observe`); under AMP it uploads the cached wire
-copies, cast again only after the master changed. Host-side preparation of a block before its
-upload (the AMP master update and low-precision cast) runs on a host thread ahead of the uploads when
-``host_thread`` is set (CUDA machines), inline otherwise. The copies themselves are
-:class:`~zo2.ring.Ring`'s: CUDA streams and events on a GPU, synchronous copies on the CPU, or the
+(:meth:`begin_observation`, :meth:`observe`, :meth:`end_observe`). Under AMP each upload reads a
+staging slot (:mod:`zo2.staging`) that the host pass filled just before it: during a step ``prepare``
+(the master update fused with the low-precision cast), outside one ``prepare`` on the flushed master
+(the cast alone). With ``host_thread`` (CUDA machines) the host pass runs on a host thread, one
+staging slot ahead of the uploads: the pass of block b + slots is queued when block b's upload is
+issued, into the slot that upload reads, and waits for that upload to finish; inline otherwise. The
+copies themselves are :class:`~zo2.ring.Ring`'s: CUDA streams and events on a GPU, synchronous copies on the CPU, or the
 asynchronous CPU copy streams of :mod:`zo2.copy_executor` (stream-ordering tests; the delay hook is
 ``streamer.ring.before_copy``).
 """
@@ -25,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from zo2.ring import BlockStore, Ring
+from zo2.staging import StagingRing, staging_slots
 
 
 class BlockStreamer:
@@ -34,9 +37,10 @@ class BlockStreamer:
         device: where the slots live.
         stores: the blocks' host stores, in model order.
         prefetch: blocks uploaded ahead of the computing one.
-        prepare: host-side work on block b before each upload, or None.
+        prepare: ``prepare(b, wire)``: the host pass that writes block b's low-precision copy into the
+            views ``wire`` of a staging slot before each upload (AMP), or None (the master is uploaded).
         copy_back: copy a block's slot back into its host store when it leaves the device.
-        host_thread: run ``prepare`` on a host thread ahead of the uploads.
+        host_thread: run ``prepare`` on a host thread ahead of the uploads during a step.
         log: ``log(op, block, slot=...)`` for the engine's trace.
     """
 
@@ -47,43 +51,72 @@ class BlockStreamer:
         self.prepare = prepare
         self.copy_back = copy_back
         self.log = log
-        self.ring = Ring(device, prefetch + 1, max(s.wire_layout.nbytes for s in stores))
+        wire_bytes = max(s.wire_layout.nbytes for s in stores)
+        self.ring = Ring(device, prefetch + 1, wire_bytes)
+        self.staging = (StagingRing(staging_slots(prefetch), wire_bytes, pin=device.type == "cuda")
+                        if prepare is not None else None)
+        self._next_stage = 0  # the staging slot the next inline host pass writes
         self.free_slots: deque[int] = deque(range(self.ring.slots))
         self.resident_slot: dict[int, int] = {}  # block -> slot, while resident
         self.next_upload = 0
         self._offloaded: dict = {}  # the event ending the copy back into each block's host store (async copies)
         self.host_pool = ThreadPoolExecutor(1, thread_name_prefix="zo2-host") if (
             host_thread and prepare is not None) else None
-        self._prepared: dict[int, Future] = {}
+        self._prepared: dict[int, tuple[Future, int]] = {}  # block -> its queued host pass, its staging slot
         self.observing: str | None = None  # "model" or "block" during a forward outside a step
 
     # ---------------------------------------------------------------------------------- the step
     def start_step(self) -> None:
-        """Queue every block's host preparation (on the host thread) and upload the first blocks."""
+        """Queue the first blocks' host passes (on the host thread, one per staging slot) and upload the
+        first blocks."""
         self.end_observation()
         self.next_upload = 0
         if self.host_pool is not None:
-            self._prepared = {b: self.host_pool.submit(self.prepare, b) for b in range(len(self.stores))}
+            for b in range(min(self.staging.slots, len(self.stores))):
+                self._queue_pass(b, (self._next_stage + b) % self.staging.slots)
         self.pump()
 
+    def _queue_pass(self, b: int, stage: int) -> None:
+        """Queue block b's host pass into staging slot ``stage`` on the host thread."""
+        self._prepared[b] = (self.host_pool.submit(self._host_pass, b, stage), stage)
+
+    def _host_pass(self, b: int, stage: int) -> None:
+        """Block b's low-precision copy into staging slot ``stage``, once its last upload has finished."""
+        flat = self.staging.acquire(stage)
+        self.prepare(b, self.stores[b].wire_layout.views(flat))
+
+    def _source(self, b: int) -> tuple[torch.Tensor, int | None]:
+        """The host buffer block b is uploaded from, and its staging slot (None: the master itself)."""
+        store = self.stores[b]
+        if self.staging is None:
+            return store.wire_flat, None
+        queued = self._prepared.pop(b, None)
+        if queued is not None:  # prepared ahead on the host thread
+            queued[0].result()
+            stage = queued[1]
+        else:  # inline: the next staging slot
+            stage = self._next_stage
+            self._host_pass(b, stage)
+        self._next_stage = (stage + 1) % self.staging.slots
+        return self.staging.buffers[stage][:store.wire_layout.nbytes], stage
+
     def pump(self, stop: int | None = None) -> None:
-        """Upload the next blocks (up to ``stop``) into the free slots. During a step each block is prepared
-        first (``prepare``); while observing, its cached wire copy is made current (``fill_wire``)."""
+        """Upload the next blocks (up to ``stop``) into the free slots. Under AMP each block's host pass
+        writes its staging slot first (``prepare``: during a step the fused update and cast, while
+        observing the cast of the flushed master)."""
         stop = len(self.stores) if stop is None else min(stop, len(self.stores))
         while self.next_upload < stop and self.free_slots:
             b = self.next_upload
             self.next_upload += 1
             slot = self.free_slots.popleft()
             store = self.stores[b]
-            if self.observing is not None:
-                store.fill_wire()
-            elif self.prepare is not None:
-                future = self._prepared.pop(b, None)
-                if future is not None:
-                    future.result()
-                else:
-                    self.prepare(b)
-            self.ring.upload(slot, store.wire_flat, after=self._offloaded.pop(b, None))
+            source, stage = self._source(b)
+            done = self.ring.upload(slot, source, after=self._offloaded.pop(b, None))
+            if stage is not None:
+                self.staging.uploaded(stage, done)
+                ahead = b + self.staging.slots
+                if self.host_pool is not None and self.observing is None and ahead < len(self.stores):
+                    self._queue_pass(ahead, stage)  # the slot this upload reads, once it has finished
             store.attach(store.wire_layout.views(self.ring.buffers[slot]))
             self.resident_slot[b] = slot
             self.log("upload", b, slot=slot)
@@ -112,7 +145,7 @@ class BlockStreamer:
     def abort(self, released: Callable[[int], None]) -> None:
         """After a failed step: finish the host work, bring every resident block home (``released(b)``
         first), free every slot."""
-        for future in self._prepared.values():
+        for future, _ in self._prepared.values():
             future.result()
         self._prepared.clear()
         for b in list(self.resident_slot):
@@ -162,6 +195,8 @@ class BlockStreamer:
     def synchronize(self) -> None:
         """Wait for every copy in flight (before the host reads or writes the host stores)."""
         self.ring.synchronize()
+        if self.staging is not None:
+            self.staging.synchronize()
         self._offloaded.clear()
 
     def time_transfers(self, rounds: int = 1) -> float:
@@ -197,14 +232,30 @@ class BlockStreamer:
         done = None
         for b, store in enumerate(self.stores):
             slot = b % self.ring.slots
-            self.ring.upload(slot, store.wire_flat, after=after if b == 0 else None)
+            if self.staging is None:
+                source = store.wire_flat
+            else:  # the bytes of a staged block (its contents do not matter here)
+                stage = b % self.staging.slots
+                source = self.staging.acquire(stage)[:store.wire_layout.nbytes]
+            up = self.ring.upload(slot, source, after=after if b == 0 else None)
+            if self.staging is not None:
+                self.staging.uploaded(stage, up)
             self.ring.wait_uploaded(slot)
             done = self.ring.release(slot, store.master_flat if self.copy_back else None)
         return done
 
+    def host_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """Every host buffer of the stores and staging slots, with its role ("master" or "staging")."""
+        out = [("master", store.master_flat) for store in self.stores]
+        return out + [("staging", flat) for flat in (self.staging.buffers if self.staging is not None else [])]
+
     def close(self) -> None:
+        """Stop the host thread and the copy workers, and free the staging slots (after their uploads)."""
         if self.host_pool is not None:
             self.host_pool.shutdown()
+        if self.staging is not None:
+            self.staging.synchronize()
+            self.staging = None
         executor = self.ring.executor
         if executor is not None:
             self.ring.set_executor(None)

@@ -203,6 +203,28 @@ def test_plan_needs_no_memory_for_huge_models(tmp_path):
     assert record["command"].startswith("memtrain-bench plan") and "env" in record
 
 
+def test_plan_prints_host_memory_beside_device_for_offload_rows_in_120_columns(tmp_path, capsys):
+    """Every offload row shows host memory (pinned / pageable) from zo2.plan_offload, every row names the
+    optimizer whose state it counts, and the table stays within 120 columns (parts on their own lines)."""
+    import zo2
+    from memtrain.bench.planner import cached_meta_model
+
+    main(["plan", "--model", "opt-tiny", "--methods", "adamw,zo2,zo2-offload,zo2-offload-amp", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "results.json").read_text())
+    plans = {p["method"]: p for p in record["plans"]}
+    for amp in (False, True):
+        plan = zo2.plan_offload(cached_meta_model("opt-tiny"), amp="bf16" if amp else None, device="cuda")
+        host = plans["zo2-offload-amp" if amp else "zo2-offload"]["host_bytes"]
+        assert (host["pinned"], host["pageable"]) == (plan.pinned_host_bytes, plan.pageable_host_bytes)
+    assert "host_bytes" not in plans["adamw"] and "host_bytes" not in plans["zo2"]
+    assert plans["adamw"]["optimizer"].startswith("AdamW") and plans["zo2"]["optimizer"].startswith("ZOSGD")
+    rows = [line for line in out.splitlines() if line.startswith("opt-tiny")]
+    assert len(rows) == 4 and all(len(line) <= 120 for line in out.splitlines())
+    assert [row.split()[3] != "-" for row in rows] == [False, False, True, True]  # host column
+    assert all("AdamW" in row or "ZOSGD" in row for row in rows)
+
+
 def test_unknown_method_is_an_error_that_lists_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["zo", "--methods", "adam"])

@@ -106,16 +106,18 @@ def test_host_thread_preparation_matches_inline(make_opt):
 
 
 def test_amp_steps_update_the_master_and_cast_the_wire_in_one_pass(make_opt, monkeypatch):
-    """From the second step on, each block's host preparation is the fused update-and-cast pass (one call
-    with out= per trained tensor, no separate cast), and the wire copy it leaves is the new master cast."""
+    """From the second step on, each block's host pass is the fused update-and-cast pass (one call with
+    out= per trained tensor, no separate cast), writing the new master's cast into a staging slot."""
     import zo2.noise
 
     calls = []
     real = zo2.noise.zo_perturb_
 
     def spy(p, *args, out=None, **kwargs):
-        calls.append(out is not None)
-        return real(p, *args, out=out, **kwargs)
+        result = real(p, *args, out=out, **kwargs)
+        if out is not None:  # the wire copy it leaves is the updated master, rounded to nearest
+            calls.append(torch.equal(out, p.to(out.dtype)))
+        return result
 
     monkeypatch.setattr(zo2.noise, "zo_perturb_", spy)
     model = make_opt(num_hidden_layers=3)
@@ -123,11 +125,9 @@ def test_amp_steps_update_the_master_and_cast_the_wire_in_one_pass(make_opt, mon
     engine = zo2.offload(model, opt, device="cpu", amp="bf16", verbose=False)
     opt.step(lambda: model(**make_batch(0)).loss)
     casts = [s.casts for s in engine.stores]
-    fused_before = sum(calls)
+    fused_before = len(calls)
     opt.step(lambda: model(**make_batch(1)).loss)
     trained = sum(len(s.params) for s in engine.stores)
-    assert sum(calls) - fused_before == trained  # every trained block tensor: update + cast in one pass
+    assert len(calls) - fused_before == trained  # every trained block tensor: update + cast in one pass
+    assert all(calls)
     assert [s.casts for s in engine.stores] == [c + 1 for c in casts]  # and no second cast of the block
-    for store in engine.stores:
-        for w, m in zip(store.wire, store.master, strict=True):
-            assert torch.equal(w, m.to(torch.bfloat16))

@@ -83,10 +83,10 @@ def test_only_what_crosses_the_bus_is_pinned_at_its_planned_size(make_opt, amp):
     model = make_opt(num_hidden_layers=3)
     engine = zo2.offload(model, zo2.ZOSGD(model.parameters(), lr=1e-3), device="cuda", amp=amp, verbose=False)
     pinned = pageable = 0
-    for store in engine.stores:
-        assert store.wire_flat.is_pinned()
-        assert store.master_flat.is_pinned() == (amp is None)  # the fp32 master never crosses the bus
-        for flat in {id(store.master_flat): store.master_flat, id(store.wire_flat): store.wire_flat}.values():
-            n = flat.untyped_storage().nbytes()
-            pinned, pageable = (pinned + n, pageable) if flat.is_pinned() else (pinned, pageable + n)
+    buffers = engine.streamer.host_buffers()
+    assert [role for role, _ in buffers].count("staging") == (3 if amp else 0)  # prefetch 1: ring of 2 + 1
+    for role, flat in buffers:
+        assert flat.is_pinned() == (role == "staging" or amp is None)  # the fp32 master never crosses the bus
+        n = flat.untyped_storage().nbytes()
+        pinned, pageable = (pinned + n, pageable) if flat.is_pinned() else (pinned, pageable + n)
     assert (engine.plan.pinned_host_bytes, engine.plan.pageable_host_bytes) == (pinned, pageable)

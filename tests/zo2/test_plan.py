@@ -67,7 +67,8 @@ def test_opt_1_3b_on_meta_matches_its_parameter_count():
     assert plan.host_bytes == layers * 4 * per_block and plan.ring_bytes == 2 * 4 * per_block
     assert plan.resident_bytes == 4 * resident
     amp = zo2.plan_offload(model, amp="bf16", prefetch=1)
-    assert amp.block_bytes == 2 * per_block and amp.host_bytes == layers * 6 * per_block
+    # the fp32 master of every block + 3 staging slots (ring of 2 + the one being prepared) of bf16 blocks
+    assert amp.block_bytes == 2 * per_block and amp.host_bytes == layers * 4 * per_block + 3 * 2 * per_block
     assert amp.resident_bytes == (2 + 4) * resident  # bf16 compute copy + fp32 master
     assert "24 blocks" in str(plan)
 
@@ -84,38 +85,43 @@ def test_bad_amp_and_missing_blocks():
 @pytest.mark.parametrize("name", PLANNED)
 @pytest.mark.parametrize("amp", [None, "bf16"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_plan_counts_the_host_buffers_the_stores_allocate(builders, monkeypatch, name, amp, device):
-    """pinned_host_bytes + pageable_host_bytes are the stores' real buffers: storage sizes as allocated, and
-    pinned exactly where registered with cudaHostRegister (recorded here instead, so it runs without a GPU).
-    Only what crosses the bus is pinned: the master natively, the wire copy (never the fp32 master) under AMP."""
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_plan_counts_the_host_buffers_the_stores_allocate(builders, monkeypatch, name, amp, device, prefetch):
+    """pinned_host_bytes + pageable_host_bytes are the stores' and staging slots' real buffers: storage
+    sizes as allocated, and pinned exactly where registered with cudaHostRegister (recorded here instead,
+    so it runs without a GPU). Only what crosses the bus is pinned: the master natively; under AMP the
+    prefetch + 2 staging slots of the low-precision copies in flight, never the fp32 master."""
     from zo2.blocks import find_blocks
     from zo2.ring import BlockStore
+    from zo2.staging import StagingRing
 
     registered = {}
     monkeypatch.setattr(zo2.ring, "_register", lambda ptr, n: registered.__setitem__(ptr, n))
-    monkeypatch.setattr(zo2.ring, "_unregister", lambda ptr: None)
-    plan = zo2.plan_offload(on_meta(builders[name]), amp=amp, device=device)
+    monkeypatch.setattr(zo2.ring, "_unregister", lambda *args: None)
+    plan = zo2.plan_offload(on_meta(builders[name]), amp=amp, device=device, prefetch=prefetch)
     _, blocks = find_blocks(builders[name](), None)
     pin = device == "cuda"
     stores = [BlockStore(b, zo2.plan.AMP_DTYPES[amp] if amp else None, pin) for b in blocks]
+    buffers = [("master", store.master_flat) for store in stores]
+    if amp is not None:
+        staging = StagingRing(prefetch + 2, max(s.wire_layout.nbytes for s in stores), pin)
+        buffers += [("staging", flat) for flat in staging.buffers]
     pinned = pageable = 0
+    for role, flat in buffers:
+        storage = flat.untyped_storage()
+        is_pinned = storage.data_ptr() in registered
+        if is_pinned:
+            assert registered[storage.data_ptr()] == storage.nbytes()  # the whole buffer, nothing more
+            assert storage.data_ptr() % zo2.ring.PAGE == 0
+            pinned += storage.nbytes()
+        else:
+            pageable += storage.nbytes()
+        assert is_pinned == (pin and (amp is None or role == "staging")), role
+        assert storage.nbytes() - flat.numel() < zo2.ring.PAGE  # exact size, at most page-rounded
     for store in stores:
-        buffers = {"master": store.master_flat} if amp is None else {"master": store.master_flat,
-                                                                      "wire": store.wire_flat}
-        for role, flat in buffers.items():
-            storage = flat.untyped_storage()
-            is_pinned = storage.data_ptr() in registered
-            if is_pinned:
-                assert registered[storage.data_ptr()] == storage.nbytes()  # the whole buffer, nothing more
-                assert storage.data_ptr() % zo2.ring.PAGE == 0
-                pinned += storage.nbytes()
-            else:
-                pageable += storage.nbytes()
-            assert is_pinned == (pin and (amp is None or role == "wire")), role
-            assert storage.nbytes() - flat.numel() < zo2.ring.PAGE  # exact size, at most page-rounded
         assert [(a.name, a.nbytes, a.pinned) for a in store.allocations] == [
-            (role, flat.untyped_storage().nbytes(), flat.untyped_storage().data_ptr() in registered)
-            for role, flat in buffers.items()]
-    assert len(registered) == (len(stores) if pin else 0)
+            ("master", store.master_flat.untyped_storage().nbytes(), pin and amp is None)]
+    assert len(registered) == sum(pin and (amp is None or role == "staging") for role, _ in buffers)
+    assert plan.staging_slots == (prefetch + 2 if amp else 0)
     assert (plan.pinned_host_bytes, plan.pageable_host_bytes) == (pinned, pageable)
     assert plan.host_bytes == pinned + pageable

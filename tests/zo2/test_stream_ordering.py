@@ -9,6 +9,7 @@ makes the schedule's arithmetic identical), and plain ZOSGD within the tolerance
 
 import copy
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -29,15 +30,20 @@ def make_batch(seed: int):
 # (upload, offload) maximum delays in seconds: even, and offloads slow enough that a block's copy-back is
 # still in flight when the next step uploads it again
 DELAYS = {"even": (2e-3, 2e-3), "slow_offload": (0.0, 8e-3)}
+SLOW_UPLOAD = (8e-3, 0.0)  # uploads slow enough that the host pass ahead reaches their staging slot first
 
 
-def run(model, amp, prefetch, delays, steps=4):
-    """Losses and flushed parameters of ``steps`` offloaded steps (async delayed copies when ``delays``)."""
+def run(model, amp, prefetch, delays, steps=4, host_thread=False):
+    """Losses and flushed parameters of ``steps`` offloaded steps (async delayed copies when ``delays``;
+    AMP's host pass on a host thread ahead of the uploads, as on CUDA, when ``host_thread``)."""
     opt = zo2.ZOSGD(model.parameters(), lr=2e-3, eps=1e-2 if amp else 1e-3, weight_decay=0.05, seed=11)
     engine = zo2.offload(model, opt, device="cpu", amp=amp, prefetch=prefetch, verbose=False)
+    if host_thread:
+        engine.streamer.host_pool = ThreadPoolExecutor(1, thread_name_prefix="zo2-host")
     if delays:
         use_async_copies(engine)
-        inject_copy_delays(engine, random_sleeps(prefetch, *DELAYS[delays]))
+        inject_copy_delays(engine, random_sleeps(prefetch, *(SLOW_UPLOAD if delays == "slow_upload"
+                                                             else DELAYS[delays])))
     batches = [make_batch(s) for s in range(steps)]
     losses = [opt.step(lambda b=b: model(**b).loss).item() for b in batches]
     opt.flush()
@@ -76,6 +82,26 @@ def test_delayed_async_copies_follow_plain_zosgd(builder, amp, prefetch, delays)
         assert a == pytest.approx(b, abs=loss_tol)
     for p, q in zip(params, ref_params, strict=True):
         assert_close_verbose(p, q, atol=param_tol, rtol=0, name="flushed parameter")
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_amp_host_pass_ahead_waits_for_the_upload_reading_its_staging_slot(prefetch):
+    """Under AMP the host thread writes block b + slots into the staging slot block b's upload reads, as
+    soon as that upload is issued: with delayed uploads, a host pass that does not wait for it overwrites
+    the slot mid-copy and the wrong block reaches the compute. Same bytes as synchronous copies. Six
+    blocks, so that even at prefetch 2 (4 staging slots) slots are reused within a step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=6,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=32)).eval()
+    sync_losses, sync_params, sync_logits = run(copy.deepcopy(base), "bf16", prefetch, delays=None)
+    losses, params, logits = run(copy.deepcopy(base), "bf16", prefetch, delays="slow_upload", host_thread=True)
+    assert losses == sync_losses
+    for p, q in zip(params, sync_params, strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(logits, sync_logits)
 
 
 def test_async_ring_waits_on_real_events():
