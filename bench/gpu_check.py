@@ -54,6 +54,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -138,11 +139,16 @@ def section_provenance() -> dict:
     return {"environment": environment("cuda" if torch.cuda.is_available() else "cpu")}
 
 
+# a test marked gpu: the decorator, the module's pytestmark, or a parameter's marks=
+_GPU_MARK = re.compile(r"^\s*@pytest\.mark\.gpu\b|^pytestmark\s*=.*\bpytest\.mark\.gpu\b|marks=.*\bpytest\.mark\.gpu\b",
+                       re.MULTILINE)
+
+
 def gpu_test_files(root: pathlib.Path) -> list[str]:
     """The test files under ``root/tests`` that mark a test ``gpu``, relative to ``root``: pytest collects
     only these (importing every test module would cost more than the GPU tests themselves)."""
     return sorted(str(p.relative_to(root)) for p in (root / "tests").rglob("test_*.py")
-                  if "pytest.mark.gpu" in p.read_text(encoding="utf-8", errors="replace"))
+                  if _GPU_MARK.search(p.read_text(encoding="utf-8", errors="replace")))
 
 
 def gpu_tests_command(root: pathlib.Path, files: list[str], junit: pathlib.Path) -> list[str]:

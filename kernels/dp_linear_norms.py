@@ -36,7 +36,7 @@ import functools
 import torch
 from torch import Tensor
 
-from memtrain.kernels._launch import checked_grid, interpreting, require_triton_device
+from memtrain.kernels._launch import checked_grid, interpreting, on_device_of, require_triton_device
 
 try:  # Triton is a Linux x86-64 dependency only; the torch path must work without it.
     import triton
@@ -188,6 +188,16 @@ def _dp_linear_norms_triton(G: Tensor, X: Tensor, with_bias: bool, method: str,
     if B == 0 or T == 0:
         return out
     args = (G, X, out, T, d_out, d_in, *G.stride(), *X.stride())
+    with on_device_of(G):
+        _launch_norms(args, method, config, B, T, d_in, d_out, G.dtype)
+    if with_bias:
+        out += _bias_sq_norms(G)
+    return out
+
+
+def _launch_norms(args: tuple, method: str, config: dict | None, B: int, T: int, d_in: int, d_out: int,
+                  dtype: torch.dtype) -> None:
+    """The norm kernel's launch (under the tensors' device: :func:`_dp_linear_norms_triton`)."""
     if method == "direct":
         if config is None and interpreting():
             config = _INTERPRETER_DIRECT
@@ -195,16 +205,13 @@ def _dp_linear_norms_triton(G: Tensor, X: Tensor, with_bias: bool, method: str,
             _dp_linear_norms_direct_kernel[direct_grid(B, d_out, d_in, config["BLOCK_O"], config["BLOCK_I"])](
                 *args, **config, enable_fp_fusion=True)
         else:
-            kernel = _autotuned_direct(G.dtype in (torch.bfloat16, torch.float16))
+            kernel = _autotuned_direct(dtype in (torch.bfloat16, torch.float16))
             kernel[lambda m: direct_grid(B, d_out, d_in, m["BLOCK_O"], m["BLOCK_I"])](*args, enable_fp_fusion=True)
     elif method == "ghost":
         config = config or (_INTERPRETER_GHOST if interpreting() else _CUDA_GHOST)
         _dp_linear_norms_ghost_kernel[ghost_grid(B, T, config["BLOCK_T"])](*args, **config, enable_fp_fusion=True)
     else:
         raise ValueError(f"dp_linear_norms: unknown method {method!r}; use 'direct' or 'ghost'")
-    if with_bias:
-        out += _bias_sq_norms(G)
-    return out
 
 
 def _chunk(per_sample_bytes: int, budget: int = 32 << 20) -> int:

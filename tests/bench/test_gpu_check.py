@@ -202,7 +202,7 @@ def test_gpu_tests_select_gpu_and_not_slow_over_the_files_with_gpu_tests(tmp_pat
     assert "tests/zo2/test_offload_gpu.py" in files and "tests/kernels/test_philox.py" in files
     assert "tests/zo2/test_plan.py" not in files and "tests/bench/test_gpu_check.py" not in files
     for f in files:
-        assert "pytest.mark.gpu" in (root / f).read_text()
+        assert "@pytest.mark.gpu" in (root / f).read_text() or "pytestmark = pytest.mark.gpu" in (root / f).read_text()
     cmd = GC.gpu_tests_command(root, files, tmp_path / "j.xml")
     assert cmd[cmd.index("-m", 2) + 1] == "gpu and not slow" and cmd[-len(files):] == [str(root / f) for f in files]
     # what pytest selects with it, run as the section runs it: the gpu tests of those files, none of the slow ones
