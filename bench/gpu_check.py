@@ -154,7 +154,7 @@ def gpu_test_files(root: pathlib.Path) -> list[str]:
 def gpu_tests_command(root: pathlib.Path, files: list[str], junit: pathlib.Path) -> list[str]:
     """``pytest -m GPU_TESTS_MARK`` over ``files`` of the checkout at ``root`` (a later ``-m`` replaces addopts'
     own), run from outside the checkout (:data:`GPU_TESTS_CWD`): ``python -m`` puts its working directory first
-    on sys.path, where the checkout's ``kernels/`` folder would shadow the ``kernels`` package transformers
+    on the import path, where the checkout's ``kernels/`` folder would shadow the ``kernels`` package transformers
     imports."""
     return [sys.executable, "-m", "pytest", "--rootdir", str(root), "-c", str(root / "pyproject.toml"),
             "-m", GPU_TESTS_MARK, "-v", "-p", "no:cacheprovider", f"--junitxml={junit}",
