@@ -183,7 +183,10 @@ def _gpu_check_parser(sub) -> None:
                        "the sections that can run do, and the report says why the others were skipped.")
     p.add_argument("--out", default=None, help="output folder (default bench-runs/gpu-check-<time>)")
     p.add_argument("--timeout-scale", type=float, default=1.0,
-                   help="multiply every section's timeout (defaults sum to under 8 minutes)")
+                   help="multiply every section's timeout and the run's budget (cold-cache estimates sum to at most "
+                        "8 minutes; no section runs past 10)")
+    p.add_argument("--quick", action="store_true",
+                   help="correctness only (CUDA build, GPU tests, DP kernels at the grid-limit shape) in 4 minutes")
     p.add_argument("--sections", type=_csv, default=None, help="comma-separated subset (default: all)")
 
 
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "gpu-check":
         from .gpu_check import run_gpu_check
 
-        code = run_gpu_check(_out_dir(args), args.timeout_scale, args.sections, argv=argv)
+        code = run_gpu_check(_out_dir(args), args.timeout_scale, args.sections, argv=argv, quick=args.quick)
         if code:
             sys.exit(code)  # a section failed: the report says which
         return

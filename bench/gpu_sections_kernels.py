@@ -161,6 +161,9 @@ def section_dp_precision() -> dict:
         return {"status": "skipped", "reason": "no CUDA device", "shapes": plan}
     out: dict = {"shapes": plan, "results": {}, "checks": [], "goals": [], "skipped_shapes": {}}
     cases = [("grid limit", torch.float32), ("grid limit", torch.bfloat16), ("2^31 offsets", torch.bfloat16)]
+    if os.environ.get("MEMTRAIN_GPU_CHECK_QUICK") == "1":  # gpu_check.QUICK_ENV: --quick's budget
+        cases.pop()
+        out["skipped_shapes"]["2^31 offsets bfloat16"] = "--quick: the grid-limit shape only"
     if once_kernel_ready():  # the cooperative kernel's own precision, at a shape it serves
         shapes["once kernel"] = ONCE_SHAPE
         cases.insert(0, ("once kernel", torch.float32))

@@ -64,8 +64,13 @@ def planned_pinned_bytes(plan: zo2.OffloadPlan) -> int:
 
 
 def _pinned_now() -> int:
-    return int(torch.cuda.host_memory_stats().get("allocated_bytes.all.current",
-                                                  torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)))
+    """Bytes torch's pinned-memory allocator holds now; 0 before torch 2.7 (no ``host_memory_stats``: the
+    pinned goal then counts the stores' own buffers, :func:`_pinned_buffers`, alone)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None:
+        return 0
+    now = stats()
+    return int(now.get("allocated_bytes.all.current", now.get("allocated_bytes.current", 0)))
 
 
 def _pinned_buffers(engine: zo2.OffloadEngine) -> int:

@@ -21,7 +21,24 @@ from .groups import Component, Use, grad_buffer
 from .layers_common import LayerCall, layer_call
 from .registry import register_layer
 
-__all__ = ["DPEmbedding", "DPEmbeddingFunction", "EmbeddingUse"]
+__all__ = ["DPEmbedding", "DPEmbeddingFunction", "EmbeddingUse", "pair_sq_norms_sorted"]
+
+
+def pair_sq_norms_sorted(keys: Tensor, G: Tensor, V: int, sq: Tensor) -> Tensor:
+    """``sq[b] += Σ over distinct (b, v) of ‖Σ_{rows with key b·V + v} G‖²`` without ``torch.unique``: no host
+    sync, every size known in advance. A stable sort groups equal keys (in row order, as ``unique``'s inverse
+    index does), a running count of key changes numbers the groups, and the rows are summed into a buffer of
+    B·T groups (the most there can be; the unused ones stay zero and add nothing)."""
+    n, d = G.shape
+    order = torch.sort(keys, stable=True)
+    first = torch.ones(n, dtype=torch.long, device=keys.device)
+    first[1:] = (order.values[1:] != order.values[:-1]).long()
+    group = first.cumsum(0) - 1
+    rows = torch.zeros(n, d, dtype=torch.float32, device=G.device)
+    rows.index_add_(0, group, G.float()[order.indices])
+    owner = torch.zeros(n, dtype=torch.long, device=keys.device)
+    owner[group] = order.values // V  # each group's rows share their sample: the same value written
+    return sq.index_add_(0, owner, rows.square().sum(1))
 
 
 class EmbeddingUse(Use):
@@ -39,9 +56,12 @@ class EmbeddingUse(Use):
         if B * T == 0:
             return sq
         keys = (torch.arange(B, device=self.ids.device)[:, None] * V + self.ids).reshape(-1)
+        G = self.G.reshape(-1, d)
+        if keys.is_cuda:  # torch.unique would wait for the device to learn its output size: once per backward
+            return pair_sq_norms_sorted(keys, G, V, sq)
         uniq, inv = torch.unique(keys, return_inverse=True)
         rows = torch.zeros(uniq.numel(), d, dtype=torch.float32, device=self.G.device)
-        rows.index_add_(0, inv, self.G.reshape(-1, d).float())
+        rows.index_add_(0, inv, G.float())
         return sq.index_add_(0, uniq // V, rows.square().sum(1))
 
     def accumulate(self, coef: Tensor) -> None:

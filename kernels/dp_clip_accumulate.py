@@ -26,7 +26,7 @@ import functools
 import torch
 from torch import Tensor
 
-from memtrain.kernels._launch import checked_grid, interpreting, require_triton_device
+from memtrain.kernels._launch import checked_grid, interpreting, on_device_of, require_triton_device
 
 try:
     import triton
@@ -151,12 +151,14 @@ def _dp_clip_accumulate_triton(G: Tensor, X: Tensor, coef: Tensor, grad_w: Tenso
         args = (g2, x2, coef, grad_w, T, B * T, d_out, d_in, *g2.stride(), *x2.stride(), *sw)
         if config is None and interpreting():
             config = _INTERPRETER_TILE
-        if config is not None:
-            _dp_clip_accumulate_kernel[accumulate_grid(d_out, d_in, config["BLOCK_O"], config["BLOCK_I"])](
-                *args, **config, enable_fp_fusion=True)
-        else:
-            kernel = _autotuned(G.dtype in (torch.bfloat16, torch.float16))
-            kernel[lambda m: accumulate_grid(d_out, d_in, m["BLOCK_O"], m["BLOCK_I"])](*args, enable_fp_fusion=True)
+        with on_device_of(g2):
+            if config is not None:
+                _dp_clip_accumulate_kernel[accumulate_grid(d_out, d_in, config["BLOCK_O"], config["BLOCK_I"])](
+                    *args, **config, enable_fp_fusion=True)
+            else:
+                kernel = _autotuned(G.dtype in (torch.bfloat16, torch.float16))
+                kernel[lambda m: accumulate_grid(d_out, d_in, m["BLOCK_O"], m["BLOCK_I"])](*args,
+                                                                                           enable_fp_fusion=True)
     if grad_b is not None:
         grad_b.add_(_bias_sum(G, coef).to(grad_b.dtype))
 

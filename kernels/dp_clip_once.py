@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import pathlib
 import threading
+import time
 import warnings
 from types import ModuleType
 
@@ -34,7 +35,8 @@ from torch import Tensor
 
 from .dp_clip_accumulate import accum_dtype, clip_factors
 
-__all__ = ["cuda_once_fits", "cuda_once_reason", "cuda_once_status", "dp_clip_once_", "prepare"]
+__all__ = ["clear_stale_lock", "cuda_once_fits", "cuda_once_reason", "cuda_once_status", "dp_clip_once_",
+           "extension_build_dir", "prepare"]
 
 _CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = (_CSRC / "dp_clip_binding.cpp", _CSRC / "dp_clip.cu")
@@ -43,6 +45,35 @@ _SOURCES = (_CSRC / "dp_clip_binding.cpp", _CSRC / "dp_clip.cu")
 _TILE_O = 32
 _TILE_I = 32
 _warned: list[bool] = []
+_EXT_NAME = "memtrain_dp_clip"
+# torch's extension loader holds ``<build dir>/lock`` (a FileBaton) while it compiles and waits, without end,
+# for another holder to remove it; a build killed meanwhile leaves it behind. The build takes a minute or so,
+# so a lock older than this is stale.
+STALE_LOCK_S = 600
+
+
+def extension_build_dir() -> pathlib.Path:
+    """Where torch's extension loader builds the kernel (created if missing): ``$TORCH_EXTENSIONS_DIR`` (or
+    torch's per-Python, per-CUDA default root) / the extension's name, as ``load()`` itself chooses it."""
+    from torch.utils.cpp_extension import _get_build_directory  # private, unchanged since torch 1.x
+
+    return pathlib.Path(_get_build_directory(_EXT_NAME, verbose=False))
+
+
+def clear_stale_lock(build_dir: pathlib.Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove ``build_dir/lock`` when it is older than ``max_age_s`` (0: whatever its age, for a caller that
+    knows the builder is dead); True when a lock was removed."""
+    lock = pathlib.Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    lock.unlink(missing_ok=True)
+    warnings.warn(f"dp_clip_once: removed {lock}, a lock {age:.0f} s old left by an interrupted build of the "
+                  "CUDA kernel (torch's extension loader would wait for it forever)", RuntimeWarning, stacklevel=2)
+    return True
 
 
 class _CudaKernel:
@@ -63,10 +94,16 @@ class _CudaKernel:
                               "install); install memtrain from a checkout with `pip install -e .`")
                 return
             try:
-                from torch.utils.cpp_extension import load
+                from torch.utils.cpp_extension import is_ninja_available, load
 
-                self.module = load(name="memtrain_dp_clip", sources=[str(p) for p in _SOURCES],
-                                   extra_cuda_cflags=["-O3"], verbose=False)
+                if not is_ninja_available():
+                    self.error = ("ninja is not installed (torch's extension loader builds with it); "
+                                  "`pip install ninja`, a requirement of memtrain")
+                    return
+                build_dir = extension_build_dir()
+                clear_stale_lock(build_dir)
+                self.module = load(name=_EXT_NAME, sources=[str(p) for p in _SOURCES], extra_cuda_cflags=["-O3"],
+                                   build_directory=str(build_dir), verbose=False)
             except Exception as exc:  # OSError (no CUDA_HOME), ImportError (bad .so), RuntimeError (compiler) ...
                 self.error = f"{type(exc).__name__}: {exc}".strip()
 

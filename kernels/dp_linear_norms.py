@@ -14,8 +14,9 @@ Backends and their precision (the result is fp32 in every case):
 - CUDA, direct: the Triton kernel. Products are exact and accumulate in fp32: fp32 inputs use
   ``input_precision="ieee"`` (Triton's default would be TF32, a 10-bit mantissa: ~1e-3 relative
   error), bf16/fp16 inputs run on tensor cores with fp32 accumulation. Tiles (up to 128×128×64) are
-  autotuned on the first launch per layer shape. Tile sums meet in an fp32 atomic add, so the last
-  bits vary from run to run.
+  autotuned on the first launch per layer shape. Each program writes its tile's sum to a slot of its
+  own and torch sums the slots of a sample in a fixed order (no atomics), so a shape gives the same bits
+  on every run on one GPU (the autotuner's choice of tile, made once per process, fixes the slots).
 - CUDA, ghost: cuBLAS (``torch.bmm``) Gram matrices in fp32: 16-bit inputs accumulate and are written
   in fp32 (``out_dtype``) where torch offers it, else the Grams are rounded to the input dtype
   (2⁻⁸ relative for bf16); fp32 inputs follow torch's matmul precision setting, IEEE fp32 by default
@@ -36,7 +37,7 @@ import functools
 import torch
 from torch import Tensor
 
-from memtrain.kernels._launch import checked_grid, interpreting, require_triton_device
+from memtrain.kernels._launch import checked_grid, interpreting, on_device_of, require_triton_device
 
 try:  # Triton is a Linux x86-64 dependency only; the torch path must work without it.
     import triton
@@ -54,7 +55,7 @@ if _HAS_TRITON:
     @triton.jit
     def _dp_linear_norms_direct_kernel(
         g_ptr, x_ptr, out_ptr, T, D_OUT, D_IN,
-        stride_gb, stride_gt, stride_go, stride_xb, stride_xt, stride_xi,
+        stride_gb, stride_gt, stride_go, stride_xb, stride_xt, stride_xi, SLOTS,
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         # grid: (B · n_o · n_i,) on axis 0 (2³¹-1 programs); a sample's tiles are adjacent, so programs running
@@ -76,7 +77,8 @@ if _HAS_TRITON:
             x = tl.load(x_b + _tile_offsets(offs_t, stride_xt, offs_i, stride_xi),
                         mask=(offs_t[:, None] < T) & (offs_i[None, :] < D_IN), other=0.0)
             acc = tl.dot(_dot_operand(gt), _dot_operand(x), acc, input_precision="ieee")
-        tl.atomic_add(out_ptr + b, tl.sum(acc * acc))
+        # one slot per (sample, tile), summed by the launcher in a fixed order: deterministic, unlike an atomic add
+        tl.store(out_ptr + b.to(tl.int64) * SLOTS + tile, tl.sum(acc * acc))
 
     @triton.jit
     def _gram_tile(ptr, offs_t, offs_s, T, D, k_end, stride_t, stride_k,
@@ -95,7 +97,7 @@ if _HAS_TRITON:
     @triton.jit
     def _dp_linear_norms_ghost_kernel(
         g_ptr, x_ptr, out_ptr, T, D_OUT, D_IN,
-        stride_gb, stride_gt, stride_go, stride_xb, stride_xt, stride_xi,
+        stride_gb, stride_gt, stride_go, stride_xb, stride_xt, stride_xi, SLOTS,
         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # grid: (B · n_t²,) on axis 0. Both Grams are symmetric: tiles above the diagonal count twice, tiles
@@ -114,7 +116,7 @@ if _HAS_TRITON:
         xx = _gram_tile(x_ptr + _sample_offset(b, stride_xb), offs_t, offs_s, T, D_IN,
                         tl.where(lower, 0, D_IN), stride_xt, stride_xi, BLOCK_T, BLOCK_K)
         weight = tl.where(pt < ps, 2.0, 1.0)
-        tl.atomic_add(out_ptr + b, weight * tl.sum(gg * xx))
+        tl.store(out_ptr + b.to(tl.int64) * SLOTS + tile, weight * tl.sum(gg * xx))  # a slot each, as above
 
 
 def ghost_is_cheaper(T: int, d_in: int, d_out: int) -> bool:
@@ -162,7 +164,7 @@ def _autotuned_direct(sixteen_bit: bool):
     tiles = _DIRECT_16BIT if sixteen_bit else _DIRECT_FP32
     configs = [triton.Config({"BLOCK_O": o, "BLOCK_I": i, "BLOCK_T": t}, num_warps=w, num_stages=s)
                for o, i, t, w, s in tiles]
-    # Benchmark runs add into `out`: the autotuner zeroes it before each run and before the final one.
+    # Configurations fill different slots: the autotuner zeroes them before each run and before the final one.
     return triton.autotune(configs=configs, key=["D_OUT", "D_IN"], reset_to_zero=["out_ptr"])(
         _dp_linear_norms_direct_kernel)
 
@@ -184,10 +186,35 @@ def _dp_linear_norms_triton(G: Tensor, X: Tensor, with_bias: bool, method: str,
     B, T, d_in, d_out = _check(G, X)
     require_triton_device("dp_linear_norms", G, X)
     G, X = _common_dtype(G, X)
-    out = torch.zeros(B, device=G.device, dtype=torch.float32)
     if B == 0 or T == 0:
-        return out
-    args = (G, X, out, T, d_out, d_in, *G.stride(), *X.stride())
+        return torch.zeros(B, device=G.device, dtype=torch.float32)
+    slots = _slots(method, config, T, d_in, d_out, G.dtype)
+    partial = torch.zeros(B, slots, device=G.device, dtype=torch.float32)
+    args = (G, X, partial, T, d_out, d_in, *G.stride(), *X.stride(), slots)
+    with on_device_of(G):
+        _launch_norms(args, method, config, B, T, d_in, d_out, G.dtype)
+    out = partial.sum(1)  # a fixed order: the same bits on every run
+    if with_bias:
+        out += _bias_sq_norms(G)
+    return out
+
+
+def _slots(method: str, config: dict | None, T: int, d_in: int, d_out: int, dtype: torch.dtype) -> int:
+    """Per-sample partial-sum slots: one per tile of the tiling launched, or of the finest tiling the autotuner
+    may choose (its unused slots stay zero)."""
+    if method == "ghost":
+        config = config or (_INTERPRETER_GHOST if interpreting() else _CUDA_GHOST)
+        return (-(-T // config["BLOCK_T"])) ** 2
+    if config is None and interpreting():
+        config = _INTERPRETER_DIRECT
+    tiles = [(config["BLOCK_O"], config["BLOCK_I"])] if config is not None else [
+        (o, i) for o, i, *_ in (_DIRECT_16BIT if dtype in (torch.bfloat16, torch.float16) else _DIRECT_FP32)]
+    return max(-(-d_out // o) * -(-d_in // i) for o, i in tiles)
+
+
+def _launch_norms(args: tuple, method: str, config: dict | None, B: int, T: int, d_in: int, d_out: int,
+                  dtype: torch.dtype) -> None:
+    """The norm kernel's launch (under the tensors' device: :func:`_dp_linear_norms_triton`)."""
     if method == "direct":
         if config is None and interpreting():
             config = _INTERPRETER_DIRECT
@@ -195,16 +222,13 @@ def _dp_linear_norms_triton(G: Tensor, X: Tensor, with_bias: bool, method: str,
             _dp_linear_norms_direct_kernel[direct_grid(B, d_out, d_in, config["BLOCK_O"], config["BLOCK_I"])](
                 *args, **config, enable_fp_fusion=True)
         else:
-            kernel = _autotuned_direct(G.dtype in (torch.bfloat16, torch.float16))
+            kernel = _autotuned_direct(dtype in (torch.bfloat16, torch.float16))
             kernel[lambda m: direct_grid(B, d_out, d_in, m["BLOCK_O"], m["BLOCK_I"])](*args, enable_fp_fusion=True)
     elif method == "ghost":
         config = config or (_INTERPRETER_GHOST if interpreting() else _CUDA_GHOST)
         _dp_linear_norms_ghost_kernel[ghost_grid(B, T, config["BLOCK_T"])](*args, **config, enable_fp_fusion=True)
     else:
         raise ValueError(f"dp_linear_norms: unknown method {method!r}; use 'direct' or 'ghost'")
-    if with_bias:
-        out += _bias_sq_norms(G)
-    return out
 
 
 def _chunk(per_sample_bytes: int, budget: int = 32 << 20) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from memtrain._cpp import cpp_available, require_cpp, warn_fallback_once
-from memtrain.kernels._launch import checked_grid, require_triton_device
+from memtrain.kernels._launch import checked_grid, on_device_of, require_triton_device
 
 try:  # Triton is optional: CPU use never needs it.
     import triton
@@ -245,9 +245,11 @@ def _philox_fill_triton(out: torch.Tensor, seed: int, stream: int, dist: int, of
     if flat.numel() == 0:
         return
     block = 1024
-    _philox_fill_kernel[launch_grid(flat.numel(), offset, block)](
-        flat, flat.numel(), offset, *int32_words(stream), *int32_words(seed), DIST=dist, BLOCK=block, **NOISE_LAUNCH,
-    )
+    with on_device_of(flat):
+        _philox_fill_kernel[launch_grid(flat.numel(), offset, block)](
+            flat, flat.numel(), offset, *int32_words(stream), *int32_words(seed), DIST=dist, BLOCK=block,
+            **NOISE_LAUNCH,
+        )
 
 
 def _philox_fill_cpp(out: torch.Tensor, seed: int, stream: int, dist: int, offset: int) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from memtrain._cpp import cpp_available, require_cpp, warn_fallback_once
-from memtrain.kernels._launch import require_triton_device
+from memtrain.kernels._launch import on_device_of, require_triton_device
 from memtrain.kernels.philox import (
     HAS_TRITON,
     NOISE_LAUNCH,
@@ -127,11 +127,12 @@ def _zo_perturb_triton(
     # 1024 elements (256 Philox counters) per program, 4 warps: each thread owns 8 elements of one block.
     # No FMA contraction: z and the update are the same bits as the C++ and torch twins (see philox.py).
     block = 1024
-    _zo_perturb_kernel[launch_grid(flat.numel(), offset, block, "zo_perturb_")](
-        flat, flat.numel(), offset, *int32_words(stream), *_scalar_term_args(seeds, coefs),
-        extra, float(c), c64_lo, c64_hi,
-        N_TERMS=len(seeds), DIST=dist, BLOCK=block, **NOISE_LAUNCH,
-    )
+    with on_device_of(flat):
+        _zo_perturb_kernel[launch_grid(flat.numel(), offset, block, "zo_perturb_")](
+            flat, flat.numel(), offset, *int32_words(stream), *_scalar_term_args(seeds, coefs),
+            extra, float(c), c64_lo, c64_hi,
+            N_TERMS=len(seeds), DIST=dist, BLOCK=block, **NOISE_LAUNCH,
+        )
 
 
 def _zo_perturb_cpp(

@@ -22,27 +22,9 @@ import pytest
 # ---------------------------------------------------------------- the test extra, checked at session start
 def _unmet_requirements() -> list[str]:
     """memtrain's requirements and its ``test`` extra that are missing or outside their stated range."""
-    from importlib import metadata
+    from memtrain.requirements import unmet_requirements
 
-    from packaging.requirements import Requirement
-
-    try:
-        declared = metadata.requires("memtrain") or []
-    except metadata.PackageNotFoundError:
-        return ["memtrain itself (the package under test is not installed)"]
-    unmet = []
-    for text in declared:
-        req = Requirement(text)
-        if req.marker is not None and not req.marker.evaluate({"extra": "test"}):
-            continue  # another extra, or not for this platform
-        try:
-            version = metadata.version(req.name)
-        except metadata.PackageNotFoundError:
-            unmet.append(f"{req.name} (needs {req.name}{req.specifier}; not installed)")
-            continue
-        if req.specifier and not req.specifier.contains(version, prereleases=True):
-            unmet.append(f"{req.name} (needs {req.name}{req.specifier}; {version} is installed)")
-    return unmet
+    return unmet_requirements("test")
 
 
 def pytest_sessionstart(session):

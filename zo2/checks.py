@@ -149,3 +149,21 @@ def dropout_error(found: list[str]) -> ValueError:
         "zeroth-order step must compute the same function: call model.eval() before training (zo2 needs no "
         "train mode) or set the dropout probabilities to 0; pass check_dropout=False to skip this check"
     )
+
+
+def refuse_compile_and_graphs(model: nn.Module | None, where: str) -> None:
+    """Refuse ``torch.compile`` and CUDA-graph capture around the offloaded step, with the fix.
+
+    The engine swaps parameter storages between ring slots, runs the halves on worker threads and waits on
+    copy-stream events from Python hooks: a compiled graph would bake in one slot's addresses and skip the
+    hooks, and a captured graph would replay one step's copies and seeds forever.
+    """
+    compiled = model is not None and (type(model).__name__ == "OptimizedModule"
+                                      or getattr(model, "_compiled_call_impl", None) is not None)
+    if compiled or torch.compiler.is_compiling():
+        raise RuntimeError(f"{where}: torch.compile is not supported with the offloaded step (the engine swaps "
+                           "parameter storages and runs Python hooks between blocks); offload the uncompiled model, "
+                           "and call opt.step outside compiled code")
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{where}: CUDA graph capture is not supported with the offloaded step (each step "
+                           "uploads blocks and draws new seeds); call opt.step outside torch.cuda.graph")

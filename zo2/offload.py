@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zo2.checks import refuse_compile_and_graphs
 from zo2.engine import OffloadEngine, TraceEvent
 from zo2.loading import checkpoint_source
 from zo2.optimizer import ZOSGD
@@ -71,6 +72,7 @@ def offload(model: nn.Module, opt: ZOSGD, device: str | torch.device = "cuda", a
                            "engine.detach() first")
     if not isinstance(model, nn.Module):
         raise TypeError(f"zo2.offload needs an nn.Module, got {type(model).__name__}")
+    refuse_compile_and_graphs(model, "zo2.offload")
     if amp not in (None, *AMP_DTYPES):
         raise ValueError(f"zo2.offload: amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:

@@ -38,6 +38,7 @@ from zo2.checks import (
     loss_value,
     models_holding,
     record_active_dropout,
+    refuse_compile_and_graphs,
 )
 from zo2.distributed import average_losses, check_same_run, resolve_group
 from zo2.noise import step_seed
@@ -273,6 +274,8 @@ class ZOSGD(torch.optim.Optimizer):
                 averages them into one update. Each call runs one micro-batch, so memory is that of one.
         """
         closures = _closures(closure, accumulate)
+        if self._engine is not None:
+            refuse_compile_and_graphs(getattr(self._engine, "model", None), "ZOSGD.step")
         self._check_ranks_agree()
         self._check_groups()
         self._check_no_dropout()

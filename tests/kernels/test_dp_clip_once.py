@@ -1,7 +1,10 @@
 """dp_clip_once_: the chunked torch path (CPU, and CUDA layers the kernel does not serve) and the cooperative
 CUDA kernel against an independent float64 per-sample loop; the CUDA kernel's build, refusal and reasons."""
 
+import os
+import pathlib
 import subprocess
+import time
 
 import pytest
 import torch
@@ -115,8 +118,9 @@ def test_without_cuda_nothing_is_built(monkeypatch):
     RuntimeError("Error building extension 'memtrain_dp_clip'"),
     subprocess.CalledProcessError(1, ["ninja", "-v"]),
 ], ids=lambda e: type(e).__name__)
-def test_a_failed_build_is_reported_once_and_never_retried(exc, monkeypatch):
+def test_a_failed_build_is_reported_once_and_never_retried(exc, monkeypatch, tmp_path):
     calls = []
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
 
     def failing_load(*a, **k):
         calls.append(1)
@@ -135,6 +139,55 @@ def test_a_failed_build_is_reported_once_and_never_retried(exc, monkeypatch):
     status = O.cuda_once_status()
     assert status.startswith("unavailable: build failed") and type(exc).__name__ in status
     assert O.cuda_once_reason(64, 64) == status
+
+
+def _building(monkeypatch, tmp_path) -> list[dict]:
+    """A CUDA machine as far as prepare() can tell, torch's extensions in tmp_path, and a load() that records
+    its build directory and whether a lock is there when it is called."""
+    seen = []
+
+    def load(*a, build_directory=None, **k):
+        seen.append({"dir": build_directory, "locked": (pathlib.Path(build_directory) / "lock").exists()})
+        raise RuntimeError("stop after the lock check")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", load)
+    monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(O, "_KERNEL", O._CudaKernel())
+    monkeypatch.setattr(O, "_warned", [True])
+    return seen
+
+
+def test_a_stale_lock_of_a_killed_build_is_cleared(monkeypatch, tmp_path):
+    """A build killed mid-way leaves torch's FileBaton lock, and every later load() would wait on it forever."""
+    seen = _building(monkeypatch, tmp_path)
+    lock = tmp_path / "memtrain_dp_clip" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    old = time.time() - O.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="interrupted build"):
+        assert O.prepare() is False
+    assert seen == [{"dir": str(lock.parent), "locked": False}]
+
+
+def test_a_fresh_lock_is_left_to_the_build_that_holds_it(monkeypatch, tmp_path):
+    seen = _building(monkeypatch, tmp_path)
+    lock = tmp_path / "memtrain_dp_clip" / "lock"
+    lock.parent.mkdir()
+    lock.touch()  # another process compiling now
+    assert O.prepare() is False
+    assert seen == [{"dir": str(lock.parent), "locked": True}]
+    assert O.clear_stale_lock(lock.parent, max_age_s=0) and not lock.exists()  # a caller that saw the builder die
+
+
+def test_a_missing_ninja_is_named_before_building(monkeypatch, tmp_path):
+    seen = _building(monkeypatch, tmp_path)
+    monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
+    assert O.prepare() is False
+    status = O.cuda_once_status()
+    assert seen == [] and "ninja is not installed" in status and "pip install ninja" in status
 
 
 def test_missing_sources_are_named(monkeypatch, tmp_path):

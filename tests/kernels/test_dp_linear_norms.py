@@ -261,3 +261,52 @@ def test_ghost_batch_chunks_share_the_cached_gram(monkeypatch):
     ref = _reference(G, X, False)
     got = K._dp_linear_norms_torch(G, X, False, "ghost", x_gram=K.gram(X))
     torch.testing.assert_close(got.double(), ref, rtol=_blocked_ghost_rtol(T, 13, 11), atol=0)
+
+
+# ------------------------------------------------------------------------------------------ determinism
+def test_norm_kernels_add_no_atomics():
+    """docs/flashdp.md promises the same bits on every run on one GPU: tile sums go to slots of their own and
+    are summed in a fixed order, never through an atomic add (whose order varies)."""
+    import inspect
+
+    assert "atomic_add" not in inspect.getsource(K)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4096, 32000), (37, 45), (130, 64)])
+def test_slots_cover_every_tiling_the_autotuner_may_launch(shape, dtype, monkeypatch):
+    """A program writes slot b·SLOTS + tile: SLOTS must hold the tile count of every configuration."""
+    monkeypatch.setattr(K, "interpreting", lambda: False)
+    d_out, d_in = shape
+    slots = K._slots("direct", None, 17, d_in, d_out, dtype)
+    tiles = K._DIRECT_16BIT if dtype == torch.bfloat16 else K._DIRECT_FP32
+    assert slots == max(math.ceil(d_out / o) * math.ceil(d_in / i) for o, i, *_ in tiles)
+    assert K._slots("ghost", None, 130, d_in, d_out, dtype) == math.ceil(130 / K._CUDA_GHOST["BLOCK_T"]) ** 2
+    assert K._slots("direct", {"BLOCK_O": 64, "BLOCK_I": 32}, 17, d_in, d_out, dtype) == (
+        math.ceil(d_out / 64) * math.ceil(d_in / 32))
+
+
+@pytest.mark.parametrize("method", ["direct", "ghost"])
+def test_triton_norms_equal_the_sum_of_their_slots(method, triton_device):
+    """Odd shapes, several tiles per sample: the slots' sum is the norm (against float64 per sample)."""
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(3, 37, 70, generator=g).to(triton_device)
+    X = torch.randn(3, 37, 45, generator=g).to(triton_device)
+    got = K._dp_linear_norms_triton(G, X, False, method).cpu().double()
+    ref = torch.stack([(gb.double().t() @ xb.double()).square().sum() for gb, xb in zip(G.cpu(), X.cpu(), strict=True)])
+    # fp32 sums of T·(in or out) ≤ 3.2e3 exact products per tile, then ≤ 9 tile sums: relative error ≤ ~1e-6
+    # each for random signs; 1e-5 leaves 10x room
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", ["direct", "ghost"])
+def test_cuda_norms_are_the_same_bits_on_every_run(method, dtype):
+    """Many tiles per sample (4096 x 4096 in ≤ 128 x 128 tiles, T = 512): atomics would vary the last bits."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    G = torch.randn(4, 512, 4096, device="cuda", generator=g).to(dtype)
+    X = torch.randn(4, 512, 4096, device="cuda", generator=g).to(dtype)
+    first = K._dp_linear_norms_triton(G, X, False, method)
+    for _ in range(5):
+        assert torch.equal(K._dp_linear_norms_triton(G, X, False, method), first)
