@@ -118,7 +118,9 @@ class DPFallbackMixin:
         if self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules()):
             raise _replay_error(self, "it has active dropout (random operations cannot be replayed per sample); "
                                 "set the dropout probabilities to 0 or call model.eval()")
-        call = layer_call(self, leaves[batched[0]], params, min_dim=1)
+        # (rows, d) may be the batch flattened sample-major (a view of a batch-first tensor, see layer_call); an
+        # input with more dims must have the batch in dim 0: a layout is never guessed from a row count
+        call = layer_call(self, leaves[batched[0]], params, min_dim=min(leaves[batched[0]].dim(), 2))
         detached = {a: p.detach() for a, p in zip(own, params, strict=True)}
         with _reparametrize_module(self, detached, tie_weights=False):
             out = plain(*args, **kwargs)
