@@ -69,22 +69,26 @@ def perplexity(model: torch.nn.Module, data: Records, device: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--epochs", type=float, default=3)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (a random-init Llama built from --hidden/--layers) or a local checkpoint path")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny model")
+    p.add_argument("--epochs", type=float, default=3, help="expected epochs (each 1/q Poisson steps)")
     p.add_argument("--batch-size", type=int, default=64, help="expected (Poisson) batch size")
-    p.add_argument("--train-size", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--target-epsilon", type=float, default=8.0)
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--output-dir", default="dp_llama_out")
+    p.add_argument("--train-size", type=int, default=2048, help="generated private training records")
+    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate")
+    p.add_argument("--target-epsilon", type=float, default=8.0,
+                   help="ε the whole run may spend (σ is calibrated to it)")
+    p.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="C: the whole per-sample clipped gradient's norm bound")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--output-dir", default="dp_llama_out", help="the Trainer's output directory")
     p.add_argument("--metrics-json", default=None,
                    help="also write the perplexities and the privacy spent to this JSON file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data, model and noise")
     args = p.parse_args(argv)
 
     if args.model != "tiny":

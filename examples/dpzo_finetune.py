@@ -44,18 +44,21 @@ def held_out_loss(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--train-size", type=int, default=4096)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200, help="private ZO steps")
+    ap.add_argument("--train-size", type=int, default=4096, help="generated private training records")
     ap.add_argument("--batch-size", type=int, default=64, help="expected batch size (Poisson sampling)")
-    ap.add_argument("--lr", type=float, default=30.0)
-    ap.add_argument("--eps", type=float, default=1e-3)
-    ap.add_argument("--max-grad-norm", type=float, default=0.3)
-    ap.add_argument("--target-epsilon", type=float, default=3.0)
-    ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=30.0, help="learning rate (large: see the module docstring)")
+    ap.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale ε")
+    ap.add_argument("--max-grad-norm", type=float, default=0.3,
+                    help="C: each sample's loss difference is clipped to [-C, C]")
+    ap.add_argument("--target-epsilon", type=float, default=3.0,
+                    help="ε the whole run may spend (σ is calibrated to it)")
+    ap.add_argument("--delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee")
+    ap.add_argument("--seed", type=int, default=0, help="seed of data, model, directions and noise")
     ap.add_argument("--output-dir", default=None, help="unused; accepted for a uniform example interface")
-    ap.add_argument("--metrics-json", default=None)
+    ap.add_argument("--metrics-json", default=None, help="also write ε and the losses to this JSON file")
     args = ap.parse_args(argv)
 
     g = torch.Generator().manual_seed(args.seed)

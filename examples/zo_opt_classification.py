@@ -212,30 +212,32 @@ def build_model(name: str, vocab: Vocab, hidden: int, layers: int) -> torch.nn.M
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (a random-init OPT built from --hidden/--layers) or a local checkpoint path")
+    p.add_argument("--hidden", type=int, default=32, help="hidden size of the tiny model")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny model")
     p.add_argument("--pretrain-steps", type=int, default=400,
                    help="AdamW language-modelling steps before the ZO stage (the stand-in for a checkpoint; "
                         "0 skips it)")
-    p.add_argument("--pretrain-lr", type=float, default=3e-3)
+    p.add_argument("--pretrain-lr", type=float, default=3e-3, help="AdamW learning rate of the pretraining stage")
     p.add_argument("--steps", type=int, default=300, help="ZO steps")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eps", type=float, default=1e-3)
-    p.add_argument("--train-size", type=int, default=512)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per ZO step")
+    p.add_argument("--lr", type=float, default=1e-3, help="ZOSGD learning rate")
+    p.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale ε")
+    p.add_argument("--train-size", type=int, default=512, help="generated training reviews")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--offload", action="store_true", help="stream blocks with zo2.offload")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None,
                    help="with --offload: fp32 master on the host, blocks computed in bf16/fp16")
     p.add_argument("--train", choices=["all", "head"], default="all",
                    help="'all': every weight (what MeZO does); 'head': only the LM head (the token embeddings "
                         "where they are tied) and the final layer norm")
-    p.add_argument("--output-dir", default="zo_opt_out")
+    p.add_argument("--output-dir", default="zo_opt_out", help="the Trainer's output directory")
     p.add_argument("--metrics-json", default=None,
                    help="also write the accuracies and the logged ZO training losses to this JSON file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data, model and directions")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
