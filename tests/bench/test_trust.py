@@ -55,7 +55,7 @@ def test_every_subcommand_and_option_has_help_with_defaults(monkeypatch, capsys)
     with pytest.raises(SystemExit):
         cli.parse_args(["--help"])
     subs = _subcommands(seen["parser"])
-    assert set(subs) == {"zo", "dp", "plan", "kernels", "gpu-check"}
+    assert set(subs) == {"zo", "dp", "plan", "kernels", "gpu-check", "dp-audit"}
     for name, parser in subs.items():
         assert parser.description, f"{name}: no description"
         for action in parser._actions:

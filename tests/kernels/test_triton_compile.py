@@ -69,7 +69,7 @@ COMPILE = textwrap.dedent('''
 
     # G (B, T, out) and X (B, T, in) contiguous: unit strides are constants in a real launch
     norms_types = {"g_ptr": None, "x_ptr": None, "out_ptr": "*fp32", "T": "i32", "D_OUT": "i32", "D_IN": "i32",
-                   "stride_gb": "i32", "stride_gt": "i32", "stride_xb": "i32", "stride_xt": "i32"}
+                   "stride_gb": "i32", "stride_gt": "i32", "stride_xb": "i32", "stride_xt": "i32", "SLOTS": "i32"}
     norms_aligned = ["g_ptr", "x_ptr", "out_ptr", "D_OUT", "D_IN", "stride_gb", "stride_gt", "stride_xb", "stride_xt"]
     acc_types = {"g_ptr": None, "x_ptr": None, "coef_ptr": "*fp32", "w_ptr": "*fp32", "T": "i32", "N_ROWS": "i32",
                  "D_OUT": "i32", "D_IN": "i32", "stride_gr": "i32", "stride_xr": "i32", "stride_wo": "i32"}
