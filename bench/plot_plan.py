@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     record = json.loads(pathlib.Path(args.plan_json).read_text())
     cfg = record.get("config", {})
-    title = (f"planned peak memory per method (B={cfg.get('batch')}, T={cfg.get('seq')}; "
-             f"{pathlib.Path(args.plan_json).as_posix()})")
+    title = f"planned peak memory per method, B={cfg.get('batch')}, T={cfg.get('seq')}"
     print(plot(record["plans"], pathlib.Path(args.out), title))
 
 
