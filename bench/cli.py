@@ -96,7 +96,9 @@ def kernel_scripts() -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="memtrain-bench", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                 epilog="also: memtrain-bench model-sweep (zo2 and flashdp on every causal LM that "
+                                        "transformers builds tiny; model-sweep --help for its options)")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_HelpParser, metavar="COMMAND",
                             help="one of the subcommands below; COMMAND --help for its options")
     for kind, text in (("zo", "zeroth-order: AdamW/SGD anchors, textbook MeZO, zo2 (plain, offload, offload+AMP)"),

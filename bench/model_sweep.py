@@ -511,8 +511,9 @@ def main(argv: list[str] | None = None) -> None:
     """``memtrain-bench model-sweep`` (and ``--one NAME``: one row as JSON, the worker of the sweep)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    ap = argparse.ArgumentParser(prog="memtrain-bench model-sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=None, help="comma-separated model types (default: every causal LM)")
+    ap = argparse.ArgumentParser(prog="memtrain-bench model-sweep", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--models", default=None, help="comma-separated model types (None: every causal LM)")
     ap.add_argument("--columns", default=None, help=f"comma-separated subset of {', '.join(COLUMNS)}")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per architecture")
     ap.add_argument("--out", default="bench-runs/model-sweep", help="folder for sweep.json and sweep.md")
