@@ -119,13 +119,17 @@ def test_a_thread_makes_the_context_current_once_per_device(fake_cuda1):
     """The first launch of each thread queries the device's stream (binding its context); later ones do not."""
     cuda, launches = fake_cuda1
 
+    both_launched = threading.Barrier(2)  # both threads alive at once: their idents differ (an ended one's is reused)
+
     def worker():
         LAUNCHERS["philox_fill_"]()
         LAUNCHERS["zo_perturb_"]()
+        both_launched.wait(timeout=60)
 
     threads = [threading.Thread(target=worker) for _ in range(2)]
     for t in threads:
         t.start()
+    for t in threads:
         t.join()
     assert launches == [1, 1, 1, 1]
     assert len(cuda.queries) == 2 and {q[1] for q in cuda.queries} == {1}
