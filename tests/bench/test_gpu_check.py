@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import subprocess
 import textwrap
 
@@ -44,6 +45,7 @@ def test_cpu_run_writes_record_and_report_with_skip_reasons(tmp_path, capsys):
 
 SECTIONS_SRC = '''
 import os
+import pathlib
 import time
 
 def boom():
@@ -216,9 +218,8 @@ def test_gpu_tests_select_gpu_and_not_slow_over_the_files_with_gpu_tests(tmp_pat
 
 
 def test_gpu_tests_without_the_test_extra_skip_naming_the_fix(monkeypatch):
-    import memtrain.requirements as R
-
     import memtrain.bench._harness as H
+    import memtrain.requirements as R
 
     monkeypatch.setattr(R, "unmet_requirements", lambda extra=None: ["hypothesis (needs hypothesis<7,>=6; "
                                                                       "not installed)"])
