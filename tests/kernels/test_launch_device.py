@@ -119,18 +119,25 @@ def test_a_thread_makes_the_context_current_once_per_device(fake_cuda1):
     """The first launch of each thread queries the device's stream (binding its context); later ones do not."""
     cuda, launches = fake_cuda1
 
-    both_launched = threading.Barrier(2)  # both threads alive at once: their idents differ (an ended one's is reused)
+    # One thread launches at a time (the fake device state is global), and the first stays alive while the second
+    # runs, so their idents differ (an ended thread's ident is reused).
+    first_done, release = threading.Event(), threading.Event()
 
-    def worker():
+    def worker(first: bool):
         LAUNCHERS["philox_fill_"]()
         LAUNCHERS["zo_perturb_"]()
-        both_launched.wait(timeout=60)
+        if first:
+            first_done.set()
+            release.wait(timeout=60)
 
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    one = threading.Thread(target=worker, args=(True,))
+    one.start()
+    assert first_done.wait(timeout=60)
+    two = threading.Thread(target=worker, args=(False,))
+    two.start()
+    two.join()
+    release.set()
+    one.join()
     assert launches == [1, 1, 1, 1]
     assert len(cuda.queries) == 2 and {q[1] for q in cuda.queries} == {1}
     assert len({q[0] for q in cuda.queries}) == 2  # one per thread
