@@ -218,10 +218,7 @@ class DPZOSGD(ZOSGD):
             sums, size, plus, bad = _sum_over_ranks(sums, size, plus, bad, group)
         self.step_count += 1
         if bad:
-            record.skipped = True
-            self.skipped_steps += 1
-            self.projected_grad = float("nan")
-            self.projected_grads = []
+            self.mark_skipped(record)
             warnings.warn(
                 f"DPZOSGD: step {record.step} saw a non-finite per-sample loss; the update was skipped, the "
                 f"parameters restored and nothing released or accounted ({self.skipped_steps} skipped so far). Check "

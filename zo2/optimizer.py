@@ -227,10 +227,7 @@ class ZOSGD(torch.optim.Optimizer):
         plus = losses[0::2]
         self.step_count += 1
         if bad is not None:
-            record.skipped = True
-            self.skipped_steps += 1
-            self.projected_grad = float("nan")
-            self.projected_grads = []
+            self.mark_skipped(record)
             warnings.warn(
                 f"ZOSGD: step {record.step} saw a non-finite loss ({'L+' if bad % 2 == 0 else 'L-'} = {losses[bad]});"
                 f" the update was skipped and the parameters restored ({self.skipped_steps} skipped so far). Check "
@@ -244,6 +241,13 @@ class ZOSGD(torch.optim.Optimizer):
         self.projected_grads = [d / eps0 for d in record.diffs]
         self.projected_grad = sum(self.projected_grads) / len(record.diffs)
         return torch.tensor(sum(plus) / len(plus), **where)
+
+    def mark_skipped(self, record: StepRecord) -> None:
+        """Count ``record``'s step as skipped: its finish pass restores without an update; no projected gradient."""
+        record.skipped = True
+        self.skipped_steps += 1
+        self.projected_grad = float("nan")
+        self.projected_grads = []
 
     def reduce_losses(self, values: list[float]) -> list[float]:
         """The losses averaged over the data-parallel ranks in one all-reduce (themselves without a
