@@ -2,7 +2,8 @@
 
 A benchmark on a shared machine silently reports whatever the load made of it. Every JSON record carries the
 load average and the torch thread count (``env``) and the warnings below (``warnings``); the printed tables
-show a ratio whose round-by-round p20–p80 spread is wider than its distance from 1 as ``≈1``, not as a figure.
+show a ratio whose round-by-round p20–p80 spread is wider than its distance from 1 with that spread beside it
+(as ``≈1`` when the spread contains 1), never as a bare figure.
 """
 
 from __future__ import annotations
@@ -37,11 +38,15 @@ def trust_warnings(env: dict, rounds: int | None = None) -> list[str]:
 
 
 def ratio_text(value: float, round_ratios: dict | None) -> str:
-    """``value`` to 3 decimals, unless its round-by-round p20–p80 spread exceeds its distance from 1: then
-    ``≈1 (spread p20-p80)``; ``n/s`` (no spread) when the rounds did not pair up."""
+    """``value`` to 3 decimals when its round-by-round p20–p80 spread is narrower than its distance from 1;
+    otherwise the spread is printed beside it: ``≈1 (p20-p80 lo-hi)`` when the spread contains 1 (no difference
+    established), ``value (p20-p80 lo-hi)`` when it lies wholly on one side of 1 (a difference, of uncertain
+    size). ``n/s`` (no spread) when the rounds did not pair up."""
     if round_ratios is None:
         return f"{value:.3f} n/s"
     lo, hi = round_ratios["p20"], round_ratios["p80"]
-    if hi - lo > abs(value - 1.0):
-        return f"≈1 (spread {lo:.3f}-{hi:.3f})"
-    return f"{value:.3f}"
+    if hi - lo <= abs(value - 1.0):
+        return f"{value:.3f}"
+    if lo <= 1.0 <= hi:
+        return f"≈1 (p20-p80 {lo:.3f}-{hi:.3f})"
+    return f"{value:.3f} (p20-p80 {lo:.3f}-{hi:.3f})"

@@ -10,9 +10,15 @@ from memtrain.bench._harness import environment
 from memtrain.bench.trust import load_state, ratio_text, trust_warnings
 
 
-def test_ratio_within_its_spread_is_not_printed_as_a_figure():
-    # 0.931 with p20-p80 0.889-0.961: spread 0.072 > |0.931 - 1| = 0.069, so nothing is established
-    assert ratio_text(0.931, {"median": 0.931, "p20": 0.889, "p80": 0.961}) == "≈1 (spread 0.889-0.961)"
+def test_ratio_within_its_spread_is_printed_with_it():
+    # 0.931 with p20-p80 0.889-0.961: spread 0.072 > |0.931 - 1| = 0.069, wholly below 1: shown with its spread
+    assert ratio_text(0.931, {"median": 0.931, "p20": 0.889, "p80": 0.961}) == "0.931 (p20-p80 0.889-0.961)"
+    # 0.99 with 0.95-1.03: the spread contains 1, no difference is established
+    assert ratio_text(0.99, {"median": 0.99, "p20": 0.95, "p80": 1.03}) == "≈1 (p20-p80 0.950-1.030)"
+    # 1.17 with 1.104-1.249: spread 0.145 < 0.17, a figure on its own
+    assert ratio_text(1.17, {"median": 1.17, "p20": 1.104, "p80": 1.249}) == "1.170"
+    # 1.10 with 1.02-1.25: spread 0.23 > 0.10 but wholly above 1, so the spread is shown and ≈1 is not claimed
+    assert ratio_text(1.10, {"median": 1.10, "p20": 1.02, "p80": 1.25}) == "1.100 (p20-p80 1.020-1.250)"
     # 0.454 with 0.415-0.491: spread 0.076 < 0.546
     assert ratio_text(0.454, {"median": 0.454, "p20": 0.415, "p80": 0.491}) == "0.454"
     assert ratio_text(5.0, None) == "5.000 n/s"  # rounds that did not pair up: no spread to judge by
