@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 
+from zo2.thread_exit import EXIT_JOIN_TIMEOUT_S, close_at_exit
+
 BeforeCopy = Callable[[str, int], None]
 
 
@@ -63,6 +65,7 @@ class CopyStream:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"zo2-{name}", daemon=True)
         self._thread.start()
+        close_at_exit(self)
 
     def submit(self, waits: list[HostEvent], work: Callable[[], None]) -> HostEvent:
         """Queue ``work`` after ``waits``; returns the event set when it has run."""
@@ -89,8 +92,9 @@ class CopyStream:
         self.submit([], lambda: None).wait()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(EXIT_JOIN_TIMEOUT_S)
 
 
 class AsyncCopyExecutor:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from zo2.thread_exit import EXIT_JOIN_TIMEOUT_S, close_at_exit
+
 
 class HalfAborted(BaseException):
     """Raised inside a waiting half when another half failed; unwinds its closure. Not an error."""
@@ -132,6 +134,7 @@ class HalfWorkers:
     def __init__(self) -> None:
         self._threads: list[threading.Thread] = []
         self._inboxes: list[queue.Queue] = []
+        close_at_exit(self)
 
     def _ensure(self, n: int) -> None:
         while len(self._threads) < n:
@@ -179,8 +182,12 @@ class HalfWorkers:
         return results
 
     def close(self) -> None:
+        """Stop the workers and wait for them (a job in flight finishes first)."""
         for inbox in self._inboxes:
             inbox.put(None)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(EXIT_JOIN_TIMEOUT_S)
         self._threads.clear()
         self._inboxes.clear()
 

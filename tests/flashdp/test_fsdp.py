@@ -138,7 +138,6 @@ import os
 import sys
 
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 
@@ -169,19 +168,18 @@ def rank_main(rank, world, port, out, kinds):
             results[f"opt_{kind}"] = train(model, opt, rank, world, [0, 1, 2])
     if rank == 0:
         torch.save(results, out)
+    dist.barrier()  # no rank tears down its pairs (rank 0: the TCPStore) while another still runs a collective
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    # argv: 0 1 port (from spawn_ranks, one process) out kinds world. That process has imported torch and
-    # transformers (seconds of CPU each) and computed nothing: forking the ranks from it pays the imports once.
-    port, out, kinds, world = sys.argv[3], sys.argv[4], sys.argv[5].split(","), int(sys.argv[6])
-    mp.start_processes(rank_main, args=(world, port, out, kinds), nprocs=world, start_method="fork")
+    # argv: rank world port (from spawn_ranks: one fresh interpreter per rank, nothing forked) out kinds
+    rank_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5].split(","))
 '''
 
 
 def _run_ranks(spawn_ranks, world: int, out: str, kinds: str) -> dict:
-    spawn_ranks(WORKER, 1, out, kinds, str(world))
+    spawn_ranks(WORKER, world, out, kinds)
     return torch.load(out, weights_only=False)
 
 
