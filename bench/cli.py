@@ -117,8 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--profile-memory", action="store_true",
                        help="GPU: a memory snapshot per method; CPU: an RSS timeline (both with a breakdown)")
         p.add_argument("--profile-ops", type=int, default=0, metavar="N",
-                       help="after each round's timed steps, N untimed steps under torch.profiler: each op's time "
-                            "and flashdp's regions (norms, clipped sums, noise, ...) per step")
+                       help="once per round, after all measured rounds, N untimed steps under torch.profiler: each "
+                            "op's time and flashdp's regions (norms, clipped sums, noise, ...) per step")
         p.add_argument("--no-prime", dest="prime", action="store_false",
                        help="CPU: skip the priming run on a tiny model before each method's baseline")
         p.add_argument("--no-plots", dest="plots", action="store_false",

@@ -45,7 +45,7 @@ class RunConfig:
     profile_memory: bool = False
     snapshot_dir: str | None = None
     prime: bool = True
-    profile_ops: int = 0  # steps per round under torch.profiler after the timed ones (memtrain.bench.op_profile)
+    profile_ops: int = 0  # steps per round under torch.profiler, in a pass after the measured rounds (op_profile)
     options: dict = field(default_factory=dict)  # passed to the methods in Workload.options
 
 
@@ -121,12 +121,6 @@ def run_method(method: Method, cfg: RunConfig, probe: MemoryProbe, bar: tqdm, pr
                 extras[extra] = fn()
             except Exception as err:  # reported in the record; the step times still stand
                 extras[extra] = error_record(err)
-        if cfg.profile_ops:
-            phase("profile")
-            try:
-                record["op_profile"] = profile_steps(runner.step, cfg.profile_ops, cfg.device)
-            except Exception as err:  # reported in the record; the step times still stand
-                record["op_profile_error"] = error_record(err)
         record.update(status="ok", sample=sum(times) / len(times), step_times=times, losses=losses,
                       memory_kind=probe.kind, memory_bytes=mem, baseline_bytes=probe.baseline, extras=extras,
                       **probe.counters(), **runner.info)
@@ -149,6 +143,28 @@ def run_method(method: Method, cfg: RunConfig, probe: MemoryProbe, bar: tqdm, pr
         probe.collect()
         phase("idle")
     return record
+
+
+def profile_round(method: Method, cfg: RunConfig, record: dict) -> None:
+    """``--profile-ops``: profile ``cfg.profile_ops`` steps of a fresh set-up of ``method`` (after
+    ``max(1, cfg.warmup)`` unprofiled steps) into ``record["op_profile"]`` (or ``op_profile_error``).
+
+    Profiling runs in its own pass, after every measured round: a torch.profiler session with backward passes
+    leaves freed small chunks in glibc's heap, which would read as extra RSS in the rounds measured after it.
+    """
+    runner = workload = None
+    try:
+        workload = make_workload(cfg.model, cfg, method, cfg.batch, cfg.seq)
+        runner = method.setup(workload)
+        for _ in range(max(1, cfg.warmup)):
+            runner.step()
+        record["op_profile"] = profile_steps(runner.step, cfg.profile_ops, cfg.device)
+    except Exception as err:  # reported in the record; the step times and memory still stand
+        record["op_profile_error"] = error_record(err)
+    finally:
+        if runner is not None:
+            runner.close()
+        runner = workload = None
 
 
 def _merge_extra(values: list) -> dict:
@@ -198,4 +214,10 @@ def run_comparison(methods: dict[str, Method], cfg: RunConfig, timeline: RssTime
             return rec
 
         rounds = interleave({name: (lambda m=m: one_round(m)) for name, m in methods.items()}, cfg.rounds)
+        if cfg.profile_ops:
+            bar.set_postfix_str("profiling")
+            for name, recs in rounds.items():
+                for rec in recs:
+                    if rec["status"] == "ok":
+                        profile_round(methods[name], cfg, rec)
     return [merge_rounds(recs, cfg.batch * cfg.seq) for recs in rounds.values()]

@@ -140,3 +140,21 @@ def test_dp_run_records_regions_against_the_non_dp_step(profiled_record):
 def test_profile_ops_rejects_a_negative_count():
     with pytest.raises(SystemExit):
         main(["dp", "--model", "llama-tiny", "--profile-ops", "-1"])
+
+
+def test_profiling_runs_after_every_measured_round(monkeypatch):
+    """A profiler session changes the heap (and so the RSS) of what runs after it: no round may be measured
+    after one. Order of events over 2 rounds of 2 methods: 4 measurement windows, then 4 profiles."""
+    from memtrain.bench import run as bench_run
+    from memtrain.bench.catalogue import METHODS
+
+    events = []
+    start = bench_run.MemoryProbe.start
+    monkeypatch.setattr(bench_run.MemoryProbe, "start", lambda self: (events.append("measure"), start(self))[1])
+    monkeypatch.setattr(bench_run, "profile_steps",
+                        lambda step, n, device: (events.append("profile"), {"steps": n, "step_ms": 1.0, "ops": {}})[1])
+    cfg = bench_run.RunConfig(model="llama-tiny", batch=1, seq=8, dtype=torch.float32, device="cpu", steps=1,
+                              warmup=0, rounds=2, profile_ops=1)
+    records = bench_run.run_comparison({m: METHODS[m] for m in ("forward", "zo2")}, cfg)
+    assert all(r["status"] == "ok" and r["op_profile"]["step_ms"]["rounds"] == 2 for r in records), records
+    assert events == ["measure"] * 4 + ["profile"] * 4, events
