@@ -4,7 +4,7 @@ audit of DPZOSGD against the accountant, with the noise bug it must detect (σC/
 The detection configuration: T = 64 steps, q = 16 directions, joint clipping: 1024 released coordinates, m = 1000
 canaries with difference 2C per step (clipped to C), k+ = k- = 50, σ = √T/0.5 = 16, so that the canaries'
 mechanism is 0.5-GDP (accountant ε ≈ 2.0 at δ = 1e-5), as flashdp's audit test. With the noise at σC/10 it is
-5-GDP (true ε ≈ 20): the canaries separate and the bound reaches what 100 guesses can show, 3.465 > 2.0.
+5-GDP (true ε ≈ 33 at δ = 1e-5): the canaries separate and the bound reaches what 100 guesses can show, 3.465 > 2.0.
 """
 
 from __future__ import annotations
