@@ -10,6 +10,8 @@ mechanism is 0.5-GDP (accountant ε ≈ 2.0 at δ = 1e-5), as flashdp's audit te
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,3 +129,10 @@ def test_audit_stays_below_the_accountant_and_detects_noise_at_a_tenth(monkeypat
     assert bad.accountant_epsilon == good.accountant_epsilon
     assert bad.epsilon_lower_bound > bad.accountant_epsilon, str(bad)
 
+
+
+def test_the_audit_is_reachable_from_the_package_and_imported_on_first_use(tmp_path):
+    code = ("import sys, zo2\n"
+            "assert 'zo2.dp_audit' not in sys.modules\n"
+            "assert callable(zo2.dp_audit.one_run_audit)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # cwd: keep the checkout off sys.path
