@@ -131,6 +131,21 @@ def test_audit_stays_below_the_accountant_and_detects_noise_at_a_tenth(monkeypat
 
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("seed", "q", "clipping"), [(1, 16, "joint"), (2, 16, "joint"), (3, 16, "joint"),
+                                                     (1, 2, "aggregate")])
+def test_audit_over_seeds_and_aggregate_clipping(monkeypatch, seed, q, clipping):
+    """Aggregate clipping releases one coordinate per step: 1024 steps (σ = √1024/0.5 = 64, again 0.5-GDP)."""
+    steps = 1024 if clipping == "aggregate" else 64
+    kw = dict(noise_multiplier=math.sqrt(steps) / 0.5, steps=steps, max_grad_norm=1.0, expected_batch_size=16,
+              num_perturbations=q, clipping=clipping, canaries=1000, seed=seed)
+    good = one_run_audit(model(seed), tiny_task(seed), ce, **kw)
+    assert good.epsilon_lower_bound < good.accountant_epsilon, str(good)
+    orig = DPZOSGD._noise
+    monkeypatch.setattr(DPZOSGD, "_noise", lambda self, *a: 0.1 * orig(self, *a))
+    assert one_run_audit(model(seed), tiny_task(seed), ce, **kw).exceeds_accountant
+
+
 def test_the_audit_is_reachable_from_the_package_and_imported_on_first_use(tmp_path):
     code = ("import sys, zo2\n"
             "assert 'zo2.dp_audit' not in sys.modules\n"
