@@ -9,6 +9,7 @@
     memtrain-bench kernels zo_perturb --numel 1000000          # a kernel micro-benchmark (``kernels`` lists them)
     memtrain-bench gpu-check --out bench-runs/gpu-check        # the GPU verification (< 8 min on one H100/H200)
     memtrain-bench dp-audit                                    # one-run privacy audit: ε lower bound vs accountant
+    memtrain-bench dp-audit --optimizer dpzo                   # the same audit of zo2.DPZOSGD
     memtrain-bench model-sweep --out bench/results/model-sweep  # zo2 and flashdp on every tiny causal LM
 
 Methods run in one process, interleaved round by round (``--rounds``, 7 by default); times are the

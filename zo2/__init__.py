@@ -8,7 +8,7 @@ model's shapes alone (a meta-device model will do); ``zo2.empty_pretrained(path)
 parameters ``offload`` fills from a local checkpoint one block at a time (:mod:`zo2.loading`).
 ``zo2.attach_fsdp(model, opt)`` runs the steps on a model sharded with FSDP2's ``fully_shard``; see
 :mod:`zo2.sharding`. ``zo2.DPZOSGD`` is its differentially private sibling (per-sample losses, clipped and
-noised loss differences); see :mod:`zo2.dp_optimizer`.
+noised loss differences); see :mod:`zo2.dp_optimizer`, and :mod:`zo2.dp_audit` for its one-run privacy audit.
 """
 
 from zo2.dp_optimizer import DPZOSGD
@@ -28,9 +28,12 @@ _LAZY = {"ZOTrainer": "zo2.trainer", "ZOTrainingArguments": "zo2.trainer"}
 
 
 def __getattr__(name: str):
-    """The Trainer integration is imported on first use (importing transformers' Trainer takes seconds)."""
-    if name in _LAZY:
-        import importlib
+    """The Trainer integration (importing transformers' Trainer takes seconds) and ``zo2.dp_audit`` (scipy, flashdp's
+    audit) are imported on first use."""
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "dp_audit":
+        return importlib.import_module("zo2.dp_audit")
     raise AttributeError(f"module 'zo2' has no attribute {name!r}")

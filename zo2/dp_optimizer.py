@@ -79,7 +79,9 @@ class DPZOSGD(ZOSGD):
         clipping: "joint" (per-sample L2 clipping of the q differences) or "aggregate" (DP-AggZO: clip the
             mean of a sample's q differences); see the module docstring.
         distribution, check_dropout, process_group: as :class:`zo2.ZOSGD`; across ranks the clipped sums
-            and counts are summed in one all-reduce and the same noise is added on every rank, once.
+            and counts are summed in one all-reduce and the same noise is added on every rank, once. Under
+            FSDP2 (:func:`zo2.attach_fsdp`) the same holds over the mesh's ranks: each rank clips the
+            per-sample losses of its own rows, perturbs and updates its shards.
 
     ``step(closure)``: ``closure()`` returns the per-sample losses, a 1-D tensor of length B (B may be 0: the
     step then releases noise only). Returns the mean loss at θ+εz_k over samples and directions (for
@@ -138,12 +140,6 @@ class DPZOSGD(ZOSGD):
         if len(eps) > 1:
             raise ValueError(f"DPZOSGD: the param groups have different eps {sorted(eps)}; a private step divides "
                              "each sample's loss difference by one ε before clipping: give every group the same eps")
-
-    def attach_sharding(self, sharding: object) -> None:
-        raise NotImplementedError(
-            "DPZOSGD: FSDP2 (zo2.attach_fsdp) is not supported yet. Use data parallelism without sharding "
-            "(DPZOSGD(..., process_group=True) with the model replicated on every rank) or zo2.offload for a model "
-            "too large for one device")
 
     def half_loss(self, result: object) -> torch.Tensor:
         """One half's per-sample losses as a float64 CPU tensor (B,); a scalar is refused with the fix."""
