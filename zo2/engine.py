@@ -229,7 +229,7 @@ class OffloadEngine:
             self.streamer.observe(b)
             return
         self.scheduler.enter_block(b)
-        self.streamer.wait(b)
+        self.streamer.enter(b)
         self.precision.enter_block(b, self.record, self.record.half_target(half))
         self._log("perturb", b, half=half)
         self._log("compute", b, half=half)
