@@ -30,8 +30,26 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from memtrain.kernels.zo_perturb import cpu_threads
 from zo2.ring import BlockStore, Ring
 from zo2.staging import StagingRing, staging_slots
+
+
+def default_host_threads(device: torch.device) -> int | None:
+    """CPU threads of AMP's host pass when ``zo2.offload(host_threads=None)``: on CUDA torch's intra-op thread
+    count less one, the core of the thread that launches the compute and the copies while the pass runs
+    beside it on the host thread (a pass on every core would delay those launches); on the CPU None
+    (torch's count: the pass runs inline, between the computes, and has the cores to itself)."""
+    return max(1, torch.get_num_threads() - 1) if device.type == "cuda" else None
+
+
+def check_host_threads(host_threads: object) -> int | None:
+    """``host_threads`` if it is None or an int >= 1; else ValueError naming the fix."""
+    if host_threads is not None and (isinstance(host_threads, bool) or not isinstance(host_threads, int)
+                                     or host_threads < 1):
+        raise ValueError(f"zo2.offload: host_threads must be an int >= 1 (threads of AMP's host pass) or None (the "
+                         f"default: torch.get_num_threads() - 1 on CUDA), got {host_threads!r}")
+    return host_threads
 
 
 class BlockStreamer:
@@ -45,13 +63,16 @@ class BlockStreamer:
             views ``wire`` of a staging slot before each upload (AMP), or None (the master is uploaded).
         copy_back: copy a block's slot back into its host store when it leaves the device.
         host_thread: run ``prepare`` on a host thread ahead of the uploads during a step.
+        host_threads: CPU threads of each host pass (:func:`memtrain.kernels.zo_perturb.cpu_threads`;
+            None: torch's intra-op thread count). Settable between steps (``streamer.host_threads``).
         log: ``log(op, block, slot=...)`` for the engine's trace.
     """
 
     def __init__(self, device: torch.device, stores: list[BlockStore], prefetch: int,
                  prepare: Callable[[int], None] | None, copy_back: bool, host_thread: bool,
-                 log: Callable[..., None]) -> None:
+                 log: Callable[..., None], host_threads: int | None = None) -> None:
         self.stores = stores
+        self.host_threads = host_threads
         self.prepare = prepare
         self.copy_back = copy_back
         self.log = log
@@ -88,7 +109,8 @@ class BlockStreamer:
     def _host_pass(self, b: int, stage: int) -> None:
         """Block b's low-precision copy into staging slot ``stage``, once its last upload has finished."""
         flat = self.staging.acquire(stage)
-        self.prepare(b, self.stores[b].wire_layout.views(flat))
+        with cpu_threads(self.host_threads):
+            self.prepare(b, self.stores[b].wire_layout.views(flat))
 
     def _source(self, b: int) -> tuple[torch.Tensor, int | None]:
         """The host buffer block b is uploaded from, and its staging slot (None: the master itself)."""
