@@ -5,7 +5,9 @@
 // kBlock Philox counters (4 * kBlock elements). Each block's noise is generated into a stack buffer in three
 // vectorised sweeps (Philox words, transform, interleave into element order), the terms are accumulated there,
 // and the block of p is read and written once. Blocks are spread over threads by at::parallel_for, so
-// torch.set_num_threads() governs this kernel too. Arithmetic is fp32 for fp32/bf16/fp16 parameters (fp64
+// torch.set_num_threads() governs this kernel too, unless a call bounds its own threads (num_threads > 0:
+// AMP's host pass runs beside the thread that launches the GPU work and leaves it a core). The split does not
+// change a single bit: each element's value depends only on its index. Arithmetic is fp32 for fp32/bf16/fp16 parameters (fp64
 // parameters are updated in fp64 with fp32 noise).
 #include <torch/extension.h>
 
@@ -14,11 +16,15 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "philox.h"
 
@@ -35,6 +41,45 @@ constexpr int64_t kBlock = 64;
 constexpr int64_t kGrainBlocks = 64;
 // Blocks of p to prefetch ahead of the one being updated.
 constexpr int64_t kPrefetchBlocks = 2;
+
+// Threads that ran the calling thread's last pass (last_pass_threads(): the test that the bound is honoured).
+thread_local int64_t last_threads = 0;
+
+// body(b0, b1) over the blocks [0, nblocks), in chunks of at least kGrainBlocks blocks: on torch's intra-op
+// threads when num_threads <= 0, else on at most num_threads threads (an OpenMP team of exactly that size, so
+// no other thread is woken; torch's thread settings are not touched). Records the threads that ran a chunk.
+template <typename F>
+void parallel_blocks(int64_t nblocks, int64_t num_threads, const F& body) {
+  if (nblocks <= 0) {
+    last_threads = 0;
+    return;
+  }
+  std::atomic<int64_t> ran{0};
+  auto counted = [&](int64_t b0, int64_t b1) {
+    ran.fetch_add(1, std::memory_order_relaxed);
+    body(b0, b1);
+  };
+  const int64_t tasks = std::min<int64_t>(num_threads, (nblocks + kGrainBlocks - 1) / kGrainBlocks);
+  if (num_threads <= 0) {
+    at::parallel_for(0, nblocks, kGrainBlocks, counted);
+  } else if (tasks <= 1) {
+    counted(0, nblocks);
+  } else {
+    const int64_t chunk = (nblocks + tasks - 1) / tasks;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(static_cast<int>(tasks))
+    {
+      const int64_t b0 = omp_get_thread_num() * chunk;
+      if (b0 < nblocks) {
+        counted(b0, std::min(nblocks, b0 + chunk));
+      }
+    }
+#else
+    at::parallel_for(0, nblocks, chunk, counted);  // at most `tasks` chunks of `chunk` blocks
+#endif
+  }
+  last_threads = ran.load();
+}
 
 struct Term {
   uint64_t seed;
@@ -178,8 +223,9 @@ inline void store(c10::BFloat16* p, int64_t i, float v) {
 // master update and its low-precision wire copy in one read and two writes.
 template <typename scalar_t, typename cast_t = scalar_t>
 void fused_pass(scalar_t* p, int64_t numel, int64_t offset, uint64_t stream, const std::vector<Term>& terms,
-                double c, int dist, bool fill, cast_t* cast = nullptr) {
+                double c, int dist, bool fill, int64_t num_threads, cast_t* cast = nullptr) {
   if (numel == 0) {
+    last_threads = 0;
     return;
   }
   const int64_t first_counter = offset / 4;
@@ -187,7 +233,7 @@ void fused_pass(scalar_t* p, int64_t numel, int64_t offset, uint64_t stream, con
   const int64_t nblocks = (end_counter - first_counter + kBlock - 1) / kBlock;
   using acc_t = decltype(load(p, 0));
   const acc_t cc = static_cast<acc_t>(c);
-  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+  parallel_blocks(nblocks, num_threads, [&](int64_t b0, int64_t b1) {
     alignas(64) float acc[4 * kBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = first_counter + b * kBlock;
@@ -283,18 +329,25 @@ std::vector<Term> checked_terms(const std::vector<int64_t>& seeds, const std::ve
   return terms;
 }
 
+int64_t check_threads(int64_t num_threads, const char* op) {
+  TORCH_CHECK(num_threads >= 0, op, ": num_threads must be >= 0 (0: torch's intra-op thread count), got ", num_threads);
+  return num_threads;
+}
+
 at::Tensor zo_axpbz_(at::Tensor p, const std::vector<int64_t>& seeds, const std::vector<double>& coefs, int64_t stream,
-                     double c, int64_t dist, int64_t offset) {
+                     double c, int64_t dist, int64_t offset, int64_t num_threads) {
   check_target(p, "zo_axpbz_");
   const std::vector<Term> terms = checked_terms(seeds, coefs, offset, "zo_axpbz_");
   const int d = check_dist(dist, "zo_axpbz_");
+  const int64_t t = check_threads(num_threads, "zo_axpbz_");
   const int64_t n = p.numel();
-  dispatch(p, [&](auto* ptr) { fused_pass(ptr, n, offset, static_cast<uint64_t>(stream), terms, c, d, false); });
+  dispatch(p, [&](auto* ptr) { fused_pass(ptr, n, offset, static_cast<uint64_t>(stream), terms, c, d, false, t); });
   return p;
 }
 
 at::Tensor zo_axpbz_cast_(at::Tensor p, at::Tensor out, const std::vector<int64_t>& seeds,
-                          const std::vector<double>& coefs, int64_t stream, double c, int64_t dist, int64_t offset) {
+                          const std::vector<double>& coefs, int64_t stream, double c, int64_t dist, int64_t offset,
+                          int64_t num_threads) {
   check_target(p, "zo_axpbz_cast_");
   TORCH_CHECK(p.scalar_type() == at::kFloat, "zo_axpbz_cast_: the master must be float32, got ", p.scalar_type());
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "zo_axpbz_cast_: out must be a contiguous CPU tensor");
@@ -303,24 +356,57 @@ at::Tensor zo_axpbz_cast_(at::Tensor p, at::Tensor out, const std::vector<int64_
   TORCH_CHECK(out.numel() == p.numel(), "zo_axpbz_cast_: out has ", out.numel(), " elements but p has ", p.numel());
   const std::vector<Term> terms = checked_terms(seeds, coefs, offset, "zo_axpbz_cast_");
   const int d = check_dist(dist, "zo_axpbz_cast_");
+  const int64_t t = check_threads(num_threads, "zo_axpbz_cast_");
   const int64_t n = p.numel();
   float* ptr = p.data_ptr<float>();
   const uint64_t s = static_cast<uint64_t>(stream);
   if (out.scalar_type() == at::kBFloat16) {
-    fused_pass(ptr, n, offset, s, terms, c, d, false, out.data_ptr<c10::BFloat16>());
+    fused_pass(ptr, n, offset, s, terms, c, d, false, t, out.data_ptr<c10::BFloat16>());
   } else {
-    fused_pass(ptr, n, offset, s, terms, c, d, false, out.data_ptr<c10::Half>());
+    fused_pass(ptr, n, offset, s, terms, c, d, false, t, out.data_ptr<c10::Half>());
   }
   return p;
 }
 
-at::Tensor philox_fill_(at::Tensor out, int64_t seed, int64_t stream, int64_t dist, int64_t offset) {
+template <typename cast_t>
+void cast_pass(const float* src, cast_t* out, int64_t n, int64_t num_threads) {
+  constexpr int64_t kChunk = 4 * kBlock;  // elements per block, as in fused_pass
+  parallel_blocks((n + kChunk - 1) / kChunk, num_threads, [&](int64_t b0, int64_t b1) {
+    const int64_t hi = std::min(n, b1 * kChunk);
+#pragma omp simd
+    for (int64_t i = b0 * kChunk; i < hi; ++i) {
+      store(out, i, src[i]);
+    }
+  });
+}
+
+// out <- src rounded to nearest even (AMP's host pass for a tensor without a pending update), bit for bit
+// torch's .to(bfloat16/float16), with the threads bounded as in zo_axpbz_cast_.
+at::Tensor cast_(at::Tensor src, at::Tensor out, int64_t num_threads) {
+  TORCH_CHECK(src.device().is_cpu() && src.is_contiguous() && src.scalar_type() == at::kFloat,
+              "cast_: src must be a contiguous float32 CPU tensor, got ", src.scalar_type(), " on ", src.device());
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous(), "cast_: out must be a contiguous CPU tensor");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kHalf,
+              "cast_: out must be bfloat16 or float16, got ", out.scalar_type());
+  TORCH_CHECK(out.numel() == src.numel(), "cast_: out has ", out.numel(), " elements but src has ", src.numel());
+  const int64_t t = check_threads(num_threads, "cast_");
+  if (out.scalar_type() == at::kBFloat16) {
+    cast_pass(src.data_ptr<float>(), out.data_ptr<c10::BFloat16>(), src.numel(), t);
+  } else {
+    cast_pass(src.data_ptr<float>(), out.data_ptr<c10::Half>(), src.numel(), t);
+  }
+  return out;
+}
+
+at::Tensor philox_fill_(at::Tensor out, int64_t seed, int64_t stream, int64_t dist, int64_t offset,
+                       int64_t num_threads) {
   check_target(out, "philox_fill_");
   TORCH_CHECK(offset >= 0, "philox_fill_: offset must be >= 0, got ", offset);
   const int d = check_dist(dist, "philox_fill_");
+  const int64_t t = check_threads(num_threads, "philox_fill_");
   const std::vector<Term> terms{{static_cast<uint64_t>(seed), 1.0f}};
   const int64_t n = out.numel();
-  dispatch(out, [&](auto* ptr) { fused_pass(ptr, n, offset, static_cast<uint64_t>(stream), terms, 0.0, d, true); });
+  dispatch(out, [&](auto* ptr) { fused_pass(ptr, n, offset, static_cast<uint64_t>(stream), terms, 0.0, d, true, t); });
   return out;
 }
 
@@ -330,13 +416,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "memtrain CPU kernels: Philox noise and fused zeroth-order updates";
   m.def("zo_axpbz_", &zo_axpbz_, "p <- p + sum_j coefs[j] * z(seeds[j], stream, offset + i) + c * p, in place",
         py::arg("p"), py::arg("seeds"), py::arg("coefs"), py::arg("stream"), py::arg("c"), py::arg("dist"),
-        py::arg("offset"),
+        py::arg("offset"), py::arg("num_threads") = 0,
         // No Python object is touched inside: other threads (the offload engine's) run meanwhile.
         py::call_guard<py::gil_scoped_release>());
   m.def("zo_axpbz_cast_", &zo_axpbz_cast_,
         "zo_axpbz_ on a float32 p, and out <- p rounded to nearest even (bfloat16/float16) in the same pass",
         py::arg("p"), py::arg("out"), py::arg("seeds"), py::arg("coefs"), py::arg("stream"), py::arg("c"),
-        py::arg("dist"), py::arg("offset"), py::call_guard<py::gil_scoped_release>());
+        py::arg("dist"), py::arg("offset"), py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("cast_", &cast_, "out <- src rounded to nearest even (float32 -> bfloat16/float16), in place", py::arg("src"),
+        py::arg("out"), py::arg("num_threads") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("philox_fill_", &philox_fill_, "out <- z(seed, stream, offset + i), in place", py::arg("out"),
-        py::arg("seed"), py::arg("stream"), py::arg("dist"), py::arg("offset"), py::call_guard<py::gil_scoped_release>());
+        py::arg("seed"), py::arg("stream"), py::arg("dist"), py::arg("offset"), py::arg("num_threads") = 0,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("last_pass_threads", [] { return last_threads; },
+        "threads that ran the calling thread's last pass (0: an empty tensor)");
 }

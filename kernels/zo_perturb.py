@@ -14,7 +14,9 @@ On CUDA a call is one kernel launch whose seeds and coefficients are scalar argu
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -39,6 +41,45 @@ from memtrain.kernels.philox import (
 # tensor (seed words and coefficient bits, one host-to-device copy per call) and are read by every program:
 # the result stays one pass with one rounding, bit for bit the C++ result, at the cost of that copy.
 SCALAR_TERMS = 4
+
+_bound = threading.local()  # .threads: the C++ kernels' thread bound in this thread (0: torch's count)
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run the C++ CPU passes called in this thread (:func:`zo_perturb_`, :func:`cast_into`) on at most
+    ``threads`` threads (None: torch's intra-op thread count, as outside the block).
+
+    The bound is the calling thread's alone and touches no torch setting (``torch.set_num_threads`` is
+    process-wide); AMP's host pass uses it to leave cores to the threads that launch the GPU work. The
+    results do not depend on it, bit for bit. The torch fallback (no C++ extension) is not bounded.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"cpu_threads: threads must be an int >= 1 or None (torch's thread count), got {threads!r}")
+    before = getattr(_bound, "threads", 0)
+    _bound.threads = threads or 0
+    try:
+        yield
+    finally:
+        _bound.threads = before
+
+
+def current_cpu_threads() -> int | None:
+    """The bound :func:`cpu_threads` set in this thread (None: torch's intra-op thread count)."""
+    return getattr(_bound, "threads", 0) or None
+
+
+def cast_into(out: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out <- src`` rounded to nearest even (float32 -> bfloat16/float16, both contiguous on the CPU): AMP's
+    host pass for a tensor without a pending update. Bit for bit ``out.copy_(src)`` but for a NaN's payload
+    (bfloat16: 0x7FC0, as the fused pass of :func:`zo_perturb_` writes it); the C++ kernel runs on the
+    threads :func:`cpu_threads` allows."""
+    _check_cast(src, out, "cast_into")
+    if cpp_available():
+        require_cpp().cast_(src, out, getattr(_bound, "threads", 0))
+    else:
+        out.copy_(src)
+    return out
 
 if HAS_TRITON:
     import triton
@@ -140,7 +181,7 @@ def _zo_perturb_cpp(
 ) -> None:
     require_cpp().zo_axpbz_(
         flat_memory_view(p, "zo_perturb_"), [as_int64(s) for s in seeds], [float(a) for a in coefs],
-        as_int64(stream), float(c), dist, offset,
+        as_int64(stream), float(c), dist, offset, getattr(_bound, "threads", 0),
     )
 
 
@@ -158,15 +199,15 @@ def _zo_perturb_torch(
         chunk.copy_(v + (acc.to(compute) + float(c) * v))
 
 
-def _check_cast(p: torch.Tensor, out: torch.Tensor) -> None:
+def _check_cast(p: torch.Tensor, out: torch.Tensor, op: str = "zo_perturb_") -> None:
     if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous():
-        raise ValueError(f"zo_perturb_: out= needs a contiguous float32 CPU p (the AMP master), got {p.dtype} on "
-                         f"{p.device}")
+        raise ValueError(f"{op}: the cast's source (the AMP master) must be a contiguous float32 CPU tensor, got "
+                         f"{p.dtype} on {p.device}")
     if out.dtype not in (torch.bfloat16, torch.float16) or out.device.type != "cpu" or not out.is_contiguous():
-        raise ValueError(f"zo_perturb_: out must be a contiguous bfloat16/float16 CPU tensor, got {out.dtype} on "
+        raise ValueError(f"{op}: out must be a contiguous bfloat16/float16 CPU tensor, got {out.dtype} on "
                          f"{out.device}")
     if out.numel() != p.numel():
-        raise ValueError(f"zo_perturb_: out has {out.numel()} elements but p has {p.numel()}; pass p's wire copy")
+        raise ValueError(f"{op}: out has {out.numel()} elements but p has {p.numel()}; pass p's wire copy")
 
 
 def zo_perturb_(
@@ -194,6 +235,9 @@ def zo_perturb_(
             receives the new p rounded to nearest even, in the same pass (one read of p, no second sweep);
             the C++ kernel splits it over threads, the torch fallback casts after the update.
 
+    On the CPU the C++ kernel runs on torch's intra-op threads, or on at most the threads
+    :func:`cpu_threads` allows in the calling thread; the result is the same bits either way.
+
     Raises:
         TypeError / ValueError: on an unsupported dtype or device, a view with gaps, a seed/coefficient
             count mismatch, or a negative offset.
@@ -209,7 +253,7 @@ def zo_perturb_(
         _check_cast(p, out)
         if cpp_available():
             require_cpp().zo_axpbz_cast_(p, out, [as_int64(s) for s in seeds], [float(a) for a in coefs],
-                                         as_int64(stream), float(c), code, offset)
+                                         as_int64(stream), float(c), code, offset, getattr(_bound, "threads", 0))
         else:
             warn_fallback_once("zo_perturb_")
             _zo_perturb_torch(p, seeds, coefs, stream, c, code, offset)

@@ -26,7 +26,7 @@ from zo2.loading import checkpoint_source, named_params
 from zo2.optimizer import ZOSGD, Closure
 from zo2.plan import AMP_DTYPES, check_fits, plan_offload
 from zo2.precision import make_precision
-from zo2.streamer import BlockStreamer
+from zo2.streamer import BlockStreamer, default_host_threads
 from zo2.transitions import StepRecord
 
 
@@ -62,7 +62,8 @@ class OffloadEngine:
     the memory plan is :func:`zo2.plan.plan_offload`'s."""
 
     def __init__(self, model: nn.Module, opt: ZOSGD, device: torch.device, amp: str | None,
-                 blocks: str | list[nn.Module] | None, prefetch: int, trace: bool, verbose: bool) -> None:
+                 blocks: str | list[nn.Module] | None, prefetch: int, trace: bool, verbose: bool,
+                 host_threads: int | None = None) -> None:
         self.model = model
         self.opt = opt
         self.device = device
@@ -86,10 +87,13 @@ class OffloadEngine:
         self.precision = make_precision(AMP_DTYPES[amp] if amp else None, index, device.type == "cuda", log)
         self._place(model)
         # AMP on CUDA: the host-side master update and cast of the next blocks run on a host thread
-        # while the GPU computes (the C++ kernel releases the GIL); on CPU they run inline.
+        # while the GPU computes (the C++ kernel releases the GIL), on host_threads threads; on CPU they
+        # run inline.
         self.streamer = BlockStreamer(device, self.precision.stores, prefetch,
                                       self.precision.prepare if amp else None, self.precision.copies_back,
-                                      host_thread=amp is not None and device.type == "cuda", log=log)
+                                      host_thread=amp is not None and device.type == "cuda", log=log,
+                                      host_threads=(default_host_threads(device) if host_threads is None
+                                                    else host_threads))
         self._hooks: list = []
         self._add_hooks()
 
@@ -229,7 +233,7 @@ class OffloadEngine:
             self.streamer.observe(b)
             return
         self.scheduler.enter_block(b)
-        self.streamer.wait(b)
+        self.streamer.enter(b)
         self.precision.enter_block(b, self.record, self.record.half_target(half))
         self._log("perturb", b, half=half)
         self._log("compute", b, half=half)

@@ -38,13 +38,14 @@ from zo2.engine import OffloadEngine, TraceEvent
 from zo2.loading import checkpoint_source
 from zo2.optimizer import ZOSGD
 from zo2.plan import AMP_DTYPES
+from zo2.streamer import check_host_threads
 
 __all__ = ["OffloadEngine", "TraceEvent", "offload"]
 
 
 def offload(model: nn.Module, opt: ZOSGD, device: str | torch.device = "cuda", amp: str | None = None, *,
             blocks: str | list[nn.Module] | None = None, prefetch: int = 1, trace: bool = False,
-            verbose: bool = True) -> OffloadEngine:
+            verbose: bool = True, host_threads: int | None = None) -> OffloadEngine:
     """Stream ``model``'s transformer blocks through ``device`` during ``opt.step(closure)``.
 
     Args:
@@ -60,6 +61,9 @@ def offload(model: nn.Module, opt: ZOSGD, device: str | torch.device = "cuda", a
         prefetch: blocks uploaded ahead of the computing one (the ring has prefetch + 1 slots).
         trace: record the schedule in ``engine.trace`` (a list of :class:`TraceEvent`).
         verbose: print the memory plan.
+        host_threads: CPU threads of AMP's host pass (the fp32 master's update fused with the cast);
+            None: on CUDA ``torch.get_num_threads() - 1`` (one core stays with the thread that launches
+            the compute and the copies), on the CPU torch's count. Results do not depend on it.
 
     The closure must call the model exactly once (it runs once per half, 2q times per step). Returns
     the engine; ``engine.detach()`` turns the model back into a plain host model.
@@ -77,6 +81,7 @@ def offload(model: nn.Module, opt: ZOSGD, device: str | torch.device = "cuda", a
         raise ValueError(f"zo2.offload: amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"zo2.offload: prefetch must be an int >= 0, got {prefetch!r}")
+    check_host_threads(host_threads)
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -99,6 +104,6 @@ def offload(model: nn.Module, opt: ZOSGD, device: str | torch.device = "cuda", a
             raise TypeError(f"zo2.offload: amp={amp!r} keeps an fp32 master, but {not_fp32[0]} is "
                             f"{model.get_parameter(not_fp32[0]).dtype}; load the model in float32 "
                             "(torch_dtype=torch.float32)")
-    engine = OffloadEngine(model, opt, dev, amp, blocks, prefetch, trace, verbose)
+    engine = OffloadEngine(model, opt, dev, amp, blocks, prefetch, trace, verbose, host_threads)
     opt.attach_engine(engine)
     return engine

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from memtrain.kernels.zo_perturb import cast_into
 from zo2.ring import BlockStore
 from zo2.transitions import NoiseState, StepRecord, Target, move
 
@@ -156,7 +157,10 @@ class HostMasterPrecision(NativePrecision):
             self.log("prepare", b)
         for m, w in zip(store.master, wire, strict=True):
             if id(m) not in fused:
-                w.copy_(m)
+                if w.is_floating_point():
+                    cast_into(w, m)  # on the pass's threads (memtrain.kernels.zo_perturb.cpu_threads)
+                else:
+                    w.copy_(m)
         store.casts += 1
 
     def enter_block(self, b: int, record: StepRecord, target: dict[int, float]) -> None:

@@ -17,6 +17,7 @@ import ctypes
 import mmap
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,37 @@ def anonymous_mapping(size: int) -> mmap.mmap:
     return mapping
 
 
+TOUCH_CHUNK_PAGES = 8192  # pages per first-touch task (32 MiB of 4 KiB pages): below torch's parallel grain, so
+# each task runs on its own thread alone, and large enough that a task's cost hides the hand-off
+
+
+def first_touch(flat: torch.Tensor, threads: int | None = None) -> None:
+    """Fault in every page of the host buffer ``flat`` (a flat uint8 CPU tensor) on up to ``threads`` threads
+    at once (None: ``torch.get_num_threads()``), by rewriting one byte of each page with its own value: the
+    content is unchanged.
+
+    Without it cudaHostRegister faults a pinned buffer's pages in on one thread, one page after another,
+    all on that thread's NUMA node, and a pageable store's pages land wherever the thread that first
+    writes them runs. Called on every host buffer as it is allocated (:func:`host_buffer`), before
+    it is filled or registered; the memory it makes resident is the memory the buffer holds anyway."""
+    n = flat.numel()
+    if n == 0:
+        return
+    head = -flat.data_ptr() % PAGE  # bytes before the first page boundary inside the buffer
+    with torch.no_grad():
+        if head:
+            flat[:1].bitwise_or_(0)  # the partial page the buffer starts in
+        pages = flat[head::PAGE]  # the first byte of every page that starts inside the buffer
+        chunks = [(lo, min(lo + TOUCH_CHUNK_PAGES, pages.numel()))
+                  for lo in range(0, pages.numel(), TOUCH_CHUNK_PAGES)]
+        workers = min(torch.get_num_threads() if threads is None else threads, len(chunks))
+        if workers <= 1:
+            pages.bitwise_or_(0)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="zo2-touch") as pool:  # torch ops release the GIL
+            list(pool.map(lambda c: pages[c[0]:c[1]].bitwise_or_(0), chunks))
+
+
 def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     """A flat uint8 host buffer of exactly ``nbytes``; page-locked when ``pin`` (so that copies to the GPU
     are asynchronous).
@@ -112,19 +144,24 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     holds a ctypes view of the mapping, and the view holds the mapping: when the tensor's memory is freed,
     the view's finalizer unregisters the range first, and the mapping is unmapped after it (so no other
     thread can map the same addresses while they are still registered). Pageable buffers are plain
-    ``torch.empty``.
+    ``torch.empty``. Either way the pages are faulted in by :func:`first_touch`, in parallel, before the
+    buffer is registered or filled.
     """
     if not pin or nbytes == 0:
-        return torch.empty(nbytes, dtype=torch.uint8)
+        flat = torch.empty(nbytes, dtype=torch.uint8)
+        first_touch(flat)
+        return flat
     size = pinned_nbytes(nbytes)
     mapping = anonymous_mapping(size)
     region = (ctypes.c_uint8 * size).from_buffer(mapping)  # keeps the mapping alive while it lives
     ptr = ctypes.addressof(region)
+    flat = torch.frombuffer(region, dtype=torch.uint8, count=size)
+    first_touch(flat)  # cudaHostRegister then locks pages that are already there instead of faulting each in
     _register(ptr, size)
     # runs when the last view of the memory is gone, before the mapping is unmapped; not at exit, where
     # the process frees it anyway
     weakref.finalize(region, _release, ptr, size, mapping).atexit = False
-    return torch.frombuffer(region, dtype=torch.uint8, count=size)[:nbytes]
+    return flat[:nbytes]
 
 
 @dataclass(frozen=True)

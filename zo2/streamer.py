@@ -10,7 +10,11 @@ staging slot (:mod:`zo2.staging`) that the host pass filled just before it: duri
 (the master update fused with the low-precision cast), outside one ``prepare`` on the flushed master
 (the cast alone). With ``host_thread`` (CUDA machines) the host pass runs on a host thread, one
 staging slot ahead of the uploads: the pass of block b + slots is queued when block b's upload is
-issued, into the slot that upload reads, and waits for that upload to finish; inline otherwise. The
+issued, into the slot that upload reads, and waits for that upload to finish; inline otherwise. With
+the host thread nothing but the compute waits for a pass: :meth:`pump` issues only the uploads whose
+passes have finished, and a half entering block b (:meth:`enter`) waits for block b's pass alone. So
+the step start returns at once, and the resident modules' forward (embeddings) and block 0's copy
+overlap the passes of the blocks after it. The
 copies themselves are :class:`~zo2.ring.Ring`'s: CUDA streams and events on a GPU, synchronous copies on the CPU, or the
 asynchronous CPU copy streams of :mod:`zo2.copy_executor` (stream-ordering tests; the delay hook is
 ``streamer.ring.before_copy``).
@@ -26,8 +30,26 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from memtrain.kernels.zo_perturb import cpu_threads
 from zo2.ring import BlockStore, Ring
 from zo2.staging import StagingRing, staging_slots
+
+
+def default_host_threads(device: torch.device) -> int | None:
+    """CPU threads of AMP's host pass when ``zo2.offload(host_threads=None)``: on CUDA torch's intra-op thread
+    count less one, the core of the thread that launches the compute and the copies while the pass runs
+    beside it on the host thread (a pass on every core would delay those launches); on the CPU None
+    (torch's count: the pass runs inline, between the computes, and has the cores to itself)."""
+    return max(1, torch.get_num_threads() - 1) if device.type == "cuda" else None
+
+
+def check_host_threads(host_threads: object) -> int | None:
+    """``host_threads`` if it is None or an int >= 1; else ValueError naming the fix."""
+    if host_threads is not None and (isinstance(host_threads, bool) or not isinstance(host_threads, int)
+                                     or host_threads < 1):
+        raise ValueError(f"zo2.offload: host_threads must be an int >= 1 (threads of AMP's host pass) or None (the "
+                         f"default: torch.get_num_threads() - 1 on CUDA), got {host_threads!r}")
+    return host_threads
 
 
 class BlockStreamer:
@@ -41,13 +63,16 @@ class BlockStreamer:
             views ``wire`` of a staging slot before each upload (AMP), or None (the master is uploaded).
         copy_back: copy a block's slot back into its host store when it leaves the device.
         host_thread: run ``prepare`` on a host thread ahead of the uploads during a step.
+        host_threads: CPU threads of each host pass (:func:`memtrain.kernels.zo_perturb.cpu_threads`;
+            None: torch's intra-op thread count). Settable between steps (``streamer.host_threads``).
         log: ``log(op, block, slot=...)`` for the engine's trace.
     """
 
     def __init__(self, device: torch.device, stores: list[BlockStore], prefetch: int,
                  prepare: Callable[[int], None] | None, copy_back: bool, host_thread: bool,
-                 log: Callable[..., None]) -> None:
+                 log: Callable[..., None], host_threads: int | None = None) -> None:
         self.stores = stores
+        self.host_threads = host_threads
         self.prepare = prepare
         self.copy_back = copy_back
         self.log = log
@@ -68,7 +93,8 @@ class BlockStreamer:
     # ---------------------------------------------------------------------------------- the step
     def start_step(self) -> None:
         """Queue the first blocks' host passes (on the host thread, one per staging slot) and upload the
-        first blocks."""
+        first blocks: with the host thread only those whose passes have already finished (none waits
+        here; the compute waits for its own block's pass in :meth:`enter`)."""
         self.end_observation()
         self.next_upload = 0
         if self.host_pool is not None:
@@ -83,7 +109,8 @@ class BlockStreamer:
     def _host_pass(self, b: int, stage: int) -> None:
         """Block b's low-precision copy into staging slot ``stage``, once its last upload has finished."""
         flat = self.staging.acquire(stage)
-        self.prepare(b, self.stores[b].wire_layout.views(flat))
+        with cpu_threads(self.host_threads):
+            self.prepare(b, self.stores[b].wire_layout.views(flat))
 
     def _source(self, b: int) -> tuple[torch.Tensor, int | None]:
         """The host buffer block b is uploaded from, and its staging slot (None: the master itself)."""
@@ -100,13 +127,17 @@ class BlockStreamer:
         self._next_stage = (stage + 1) % self.staging.slots
         return self.staging.buffers[stage][:store.wire_layout.nbytes], stage
 
-    def pump(self, stop: int | None = None) -> None:
+    def pump(self, stop: int | None = None, need: int | None = None) -> None:
         """Upload the next blocks (up to ``stop``) into the free slots. Under AMP each block's host pass
         writes its staging slot first (``prepare``: during a step the fused update and cast, while
-        observing the cast of the flushed master)."""
+        observing the cast of the flushed master). A pass queued on the host thread is not waited for:
+        pumping stops at the first block whose pass is still running, unless that block is ``need``."""
         stop = len(self.stores) if stop is None else min(stop, len(self.stores))
         while self.next_upload < stop and self.free_slots:
             b = self.next_upload
+            queued = self._prepared.get(b)
+            if queued is not None and b != need and not queued[0].done():
+                break  # uploaded once its pass has finished (a later pump) or when a half needs it (enter)
             self.next_upload += 1
             slot = self.free_slots.popleft()
             store = self.stores[b]
@@ -120,6 +151,15 @@ class BlockStreamer:
             store.attach(store.wire_layout.views(self.ring.buffers[slot]))
             self.resident_slot[b] = slot
             self.log("upload", b, slot=slot)
+
+    def enter(self, b: int) -> None:
+        """A half enters block b during a step: issue the uploads whose host passes have finished, block
+        b's own once its pass has (the only pass the compute waits for), and order the compute after
+        block b's upload."""
+        self.pump()
+        if b not in self.resident_slot and b == self.next_upload:
+            self.pump(stop=b + 1, need=b)
+        self.wait(b)
 
     def wait(self, b: int) -> None:
         """Order the current (compute) stream after block b's upload."""

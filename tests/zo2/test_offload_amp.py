@@ -131,3 +131,50 @@ def test_amp_steps_update_the_master_and_cast_the_wire_in_one_pass(make_opt, mon
     assert len(calls) - fused_before == trained  # every trained block tensor: update + cast in one pass
     assert all(calls)
     assert [s.casts for s in engine.stores] == [c + 1 for c in casts]  # and no second cast of the block
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_host_pass_runs_under_the_host_threads_bound(make_opt, threaded):
+    """zo2.offload(host_threads=k): every host pass (inline, or on the host thread as on CUDA) runs with the
+    C++ kernels bounded to k threads in the thread that runs it, and the bound does not leak out of it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from memtrain.kernels.zo_perturb import current_cpu_threads
+
+    model = make_opt(num_hidden_layers=3)
+    opt = zo2.ZOSGD(model.parameters(), lr=1e-3, eps=1e-2, seed=2)
+    engine = zo2.offload(model, opt, device="cpu", amp="bf16", verbose=False, host_threads=3)
+    if threaded:
+        engine.streamer.host_pool = ThreadPoolExecutor(1)
+    seen = []
+    real = engine.streamer.prepare
+    engine.streamer.prepare = lambda b, wire: (seen.append(current_cpu_threads()), real(b, wire))
+    for s in range(2):
+        batch = make_batch(s)
+        opt.step(lambda b=batch: model(**b).loss)
+    with torch.no_grad():
+        model(**make_batch(0))  # an evaluation forward's casts too
+    assert seen == [3] * (3 * 2 + 3)
+    assert current_cpu_threads() is None
+    engine.streamer.host_threads = None  # settable between steps
+    opt.step(lambda: model(**make_batch(2)).loss)
+    assert seen[-3:] == [None] * 3
+
+
+def test_host_threads_default_and_refusals(make_opt, monkeypatch):
+    from zo2.streamer import default_host_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert default_host_threads(torch.device("cuda", 0)) == 15  # one core for the launching thread
+    assert default_host_threads(torch.device("cpu")) is None  # inline: torch's threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert default_host_threads(torch.device("cuda", 0)) == 1
+    monkeypatch.undo()
+    model = make_opt()
+    opt = zo2.ZOSGD(model.parameters(), lr=1e-3)
+    assert zo2.offload(model, opt, device="cpu", amp="bf16", verbose=False).streamer.host_threads is None
+    for bad in (0, True, 2.5):
+        model = make_opt()
+        with pytest.raises(ValueError, match="host_threads must be an int >= 1"):
+            zo2.offload(model, zo2.ZOSGD(model.parameters(), lr=1e-3), device="cpu", amp="bf16", verbose=False,
+                        host_threads=bad)

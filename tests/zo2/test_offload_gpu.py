@@ -90,3 +90,32 @@ def test_only_what_crosses_the_bus_is_pinned_at_its_planned_size(make_opt, amp):
         n = flat.untyped_storage().nbytes()
         pinned, pageable = (pinned + n, pageable) if flat.is_pinned() else (pinned, pageable + n)
     assert (engine.plan.pinned_host_bytes, engine.plan.pageable_host_bytes) == (pinned, pageable)
+
+
+def test_cuda_amp_host_pass_leaves_the_launching_thread_a_core(make_opt):
+    """On CUDA the AMP host pass runs on the host thread with the C++ kernels bounded to torch's thread count
+    less one (zo2.offload(host_threads=None)); the trajectory is the same bits with every bound."""
+    from memtrain.kernels.zo_perturb import current_cpu_threads
+
+    base = make_opt(num_hidden_layers=3)
+    runs = []
+    for host_threads in (None, 1):
+        host = copy.deepcopy(base)
+        opt = zo2.ZOSGD(host.parameters(), lr=2e-3, eps=1e-2, seed=6)
+        engine = zo2.offload(host, opt, device="cuda", amp="bf16", verbose=False, host_threads=host_threads)
+        seen = []
+        real = engine.streamer.prepare
+        engine.streamer.prepare = lambda b, wire, real=real, seen=seen: (seen.append(current_cpu_threads()),
+                                                                         real(b, wire))
+        g = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(3):
+            ids = torch.randint(0, 61, (2, 9), generator=g).cuda()
+            losses.append(opt.step(lambda ids=ids, m=host: m(input_ids=ids, labels=ids).loss).item())
+        opt.flush()
+        assert seen == [host_threads or max(1, torch.get_num_threads() - 1)] * (3 * 3)
+        runs.append((losses, [p.detach().cpu().clone() for p in host.parameters()]))
+        engine.detach()
+    assert runs[0][0] == runs[1][0]
+    for p, q in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(p, q)

@@ -8,6 +8,7 @@ makes the schedule's arithmetic identical), and plain ZOSGD within the tolerance
 (native: loss within 2 ulp-scale 2e-6, parameters 1e-5; AMP: bf16 tolerances of test_offload_amp)."""
 
 import copy
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -122,3 +123,61 @@ def test_async_ring_waits_on_real_events():
     done.wait()
     assert torch.equal(out, ring.buffers[0])
     executor.close()
+
+
+GATE_SECONDS = 5.0  # how long a gated host pass waits for the step's first embedding forward before it gives up
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_amp_step_start_waits_only_for_the_first_blocks_host_pass(prefetch):
+    """With the host pass on a host thread, the step start waits for no pass: the resident modules' forward
+    (the embedding) runs while the passes of the first blocks are still pending, and block 0's upload waits
+    for block 0's pass alone. Each pass queued at a step's start holds until that step's first embedding
+    forward has begun (a step start that waits for a pass would hold it GATE_SECONDS and fail), then sleeps
+    before writing its staging slot, so an upload that does not wait for its pass reads a stale slot: the
+    bytes differ from the synchronous engine's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=5,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=32)).eval()
+    sync_losses, sync_params, sync_logits = run(copy.deepcopy(base), "bf16", prefetch, delays=None)
+
+    model = copy.deepcopy(base)
+    opt = zo2.ZOSGD(model.parameters(), lr=2e-3, eps=1e-2, weight_decay=0.05, seed=11)
+    engine = zo2.offload(model, opt, device="cpu", amp="bf16", prefetch=prefetch, verbose=False)
+    engine.streamer.host_pool = ThreadPoolExecutor(1, thread_name_prefix="zo2-host")
+    use_async_copies(engine)
+    inject_copy_delays(engine, random_sleeps(prefetch, *DELAYS["even"]))
+    embedded = threading.Event()  # set by the step's first embedding forward
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, a: embedded.set())
+    held: list[tuple[int, bool]] = []  # (block, whether the embedding had begun) for each gated pass
+    real_prepare = engine.streamer.prepare
+
+    def gated_prepare(b, wire):
+        if engine.in_step and len(held) < steps_started[0] * (prefetch + 1):  # a pass queued at the step start
+            held.append((b, embedded.wait(GATE_SECONDS if all(ok for _, ok in held) else 0)))
+        time.sleep(0.02)  # the staging slot is written late: only an upload that waits for the pass sees it
+        real_prepare(b, wire)
+
+    engine.streamer.prepare = gated_prepare
+    steps_started = [0]
+    losses = []
+    for s in range(4):
+        embedded.clear()
+        steps_started[0] += 1
+        batch = make_batch(s)
+        losses.append(opt.step(lambda b=batch: model(**b).loss).item())
+    opt.flush()
+    with torch.no_grad():
+        logits = model(**make_batch(0)).logits.float()
+    params = [p.detach().clone() for p in model.parameters()]
+    engine.detach()
+
+    assert held == [(b, True) for _ in range(4) for b in range(prefetch + 1)], (
+        "the step start waited for a host pass before the first forward began")
+    assert losses == sync_losses  # every upload read its block's finished pass: the same bytes
+    for p, q in zip(params, sync_params, strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(logits, sync_logits)
