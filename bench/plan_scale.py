@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from zo2.plan import hf_loss_bytes_per_logit
+
 from .planner import Plan, PlanInput, offload_host, offload_parts, saved_activations
 
 SCALE_MODELS = ["llama2-13b", "llama2-70b", "opt-30b", "opt-66b", "opt-175b"]
@@ -122,9 +124,11 @@ def zo2_ddp(i: PlanInput, world: int) -> Plan:
 
 
 def zo2_offload_rank(i: PlanInput, world: int, amp: bool) -> Plan:
-    """zo2.offload on each rank (data parallel; it does not combine with FSDP2): zo2.plan_offload's parts."""
+    """zo2.offload on each rank (data parallel; it does not combine with FSDP2): zo2.plan_offload's parts, with
+    Hugging Face's loss like the other zo2 rows."""
     r = per_rank(i, world)
-    return Plan("zo2 offload" + (" + AMP" if amp else "") + " (per rank)", offload_parts(r, amp),
+    parts = offload_parts(r, amp, hf_loss_bytes_per_logit)
+    return Plan("zo2 offload" + (" + AMP" if amp else "") + " (per rank)", parts,
                 optimizer="ZOSGD: no state", host=offload_host(r, amp))
 
 

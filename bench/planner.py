@@ -28,6 +28,7 @@ runs print the plan beside what they measure; the coefficients were checked agai
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -194,14 +195,24 @@ def offload_host(i: PlanInput, amp: bool) -> dict[str, int]:
     return {"pinned": plan.pinned_host_bytes, "pageable": plan.pageable_host_bytes}
 
 
-def offload_parts(i: PlanInput, amp: bool) -> dict[str, int]:
+def lm_loss_bytes_per_logit(itemsize: int) -> int:
+    """Bytes per logit the bench's loss (:func:`memtrain.bench.methods.lm_loss`) holds at its peak: the logits,
+    their shifted copy (the reshape of a slice copies) and the log-softmax, all in the logits' dtype."""
+    return 3 * itemsize
+
+
+def offload_parts(i: PlanInput, amp: bool,
+                  loss_bytes_per_logit: Callable[[int], int] = lm_loss_bytes_per_logit) -> dict[str, int]:
     """zo2.offload's peak, from zo2's own plan of the meta-device model (``zo2.plan_offload``): resident
-    modules, the ring of block slots, a step's activations and logits; on the CPU also the host store."""
+    modules, the ring of block slots, a step's activations and logits; on the CPU also the host store.
+    ``loss_bytes_per_logit`` maps the compute dtype's bytes to what the closure's loss holds per logit (default:
+    the bench's loss; ``zo2.plan.hf_loss_bytes_per_logit`` for Hugging Face's)."""
     plan = _offload_plan(i.shape.name, i.dtype, amp, i.ring_slots - 1, i.device)
     parts = {
         "resident": plan.resident_bytes,
         "offload ring": plan.ring_bytes,
-        "activations and logits (all halves)": plan.activation_bytes(i.batch, i.seq),
+        "activations and logits (all halves)": plan.activation_bytes(
+            i.batch, i.seq, loss_bytes_per_logit(plan.compute_itemsize)),
     }
     if i.device.startswith("cpu"):  # the host store (the blocks, and their low-precision copy) is the same memory
         parts["host store (blocks)"] = plan.host_bytes

@@ -175,19 +175,86 @@ def _pyplot():
     return plt
 
 
-def make_plots(results: list[dict], out: pathlib.Path, memory_kind: str) -> list[str]:
-    """Peak memory against model size per method, and throughput per method; [] with a message without
-    matplotlib."""
+def _need_pyplot():
+    """matplotlib's pyplot on the Agg backend, or an error naming the fix."""
     plt = _pyplot()
     if plt is None:
-        print("plots skipped: matplotlib is not installed (pip install 'memtrain[bench]')")
-        return []
-    ok = [r for r in results if r["status"] == "ok"]
+        raise ModuleNotFoundError("the bench's plots need matplotlib: pip install 'memtrain[bench]'")
+    return plt
+
+
+def _ok(results: list[dict]) -> list[dict]:
+    return [r for r in results if r["status"] == "ok"]
+
+
+def memory_figure(results: list[dict], memory_kind: str):
+    """One panel per model: for each method a bar of the plan's terms stacked (MiB), and beside it the measured
+    peak as a black diamond. Methods without a plan get the diamond alone."""
+    plt = _need_pyplot()
+    ok = _ok(results)
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    terms = list(dict.fromkeys(t for r in ok for t in _plan_terms(r)))
+    colours = {t: plt.get_cmap("tab20")(i % 20) for i, t in enumerate(terms)}
+    fig, axes = plt.subplots(len(models), 1, figsize=(7, 1.5 + 3 * len(models)), squeeze=False)
+    for ax, model in zip(axes[:, 0], models, strict=True):
+        rows = [r for r in ok if r["model"] == model]
+        handles = {}
+        for x, r in enumerate(rows):
+            bottom = 0.0
+            for term, v in _plan_terms(r).items():
+                handles[term] = ax.bar(x - 0.17, v / MiB, 0.3, bottom=bottom, color=colours[term])
+                bottom += v / MiB
+            (handles["measured peak"],) = ax.plot([x + 0.17], [r["memory_bytes"]["peak"] / MiB], marker="D",
+                                                  color="black", linestyle="none")
+        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"MiB ({memory_kind})")
+        ax.set_title(f"{model}: plan by term (bar) beside the measured peak", fontsize=9)
+        ax.legend(handles.values(), handles.keys(), fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def _plan_terms(r: dict) -> dict[str, int]:
+    """A record's planned peak by term (bytes), in the plan's order; empty without a plan."""
+    return dict((r.get("plan") or {}).get("components_bytes") or {})
+
+
+def throughput_figure(results: list[dict]):
+    """Tokens/s per method (one bar per model and method) at the median step time, with error bars spanning the
+    p20-p80 step times over the rounds (tokens per step / p80 to tokens per step / p20)."""
+    plt = _need_pyplot()
+    ok = _ok(results)
     methods = list(dict.fromkeys(r["method"] for r in ok))
     models = list(dict.fromkeys(r["model"] for r in ok))
-    paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        xs, tps, low, high = [], [], [], []
+        for j, m in enumerate(methods):
+            r = next((r for r in ok if r["method"] == m and r["model"] == model), None)
+            if r is None:
+                continue
+            tokens = r["tokens_per_s"] * r["median"]  # tokens per step
+            xs.append(j + i * width)
+            tps.append(r["tokens_per_s"])
+            low.append(r["tokens_per_s"] - tokens / r["p80"])
+            high.append(tokens / r["p20"] - r["tokens_per_s"])
+        ax.bar(xs, tps, width, yerr=[low, high], capsize=3, label=model)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(methods))], methods, rotation=30,
+                  ha="right", fontsize=8)
+    ax.set_ylabel("tokens/s (median; bars: p20-p80 of the rounds)")
+    ax.set_title("throughput per method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def size_figure(results: list[dict], memory_kind: str):
+    """Measured peak memory against model size, one line per method (log-log)."""
+    plt = _need_pyplot()
+    ok = _ok(results)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["method"] for r in ok):
         pts = sorted((r["n_params"], r["memory_bytes"]["peak"] / MiB) for r in ok if r["method"] == m)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
     ax.set_xscale("log")
@@ -197,23 +264,30 @@ def make_plots(results: list[dict], out: pathlib.Path, memory_kind: str) -> list
     ax.set_title("peak memory against model size")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "peak_memory.png")
-    fig.savefig(paths[-1], dpi=120)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    width = 0.8 / max(1, len(models))
-    for i, model in enumerate(models):
-        tps = [next((r["tokens_per_s"] for r in ok if r["method"] == m and r["model"] == model), 0) for m in methods]
-        ax.bar([j + i * width for j in range(len(methods))], tps, width, label=model)
-    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(methods))], methods, rotation=30,
-                  ha="right", fontsize=8)
-    ax.set_ylabel("tokens/s")
-    ax.set_title("throughput per method")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "throughput.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close("all")
-    return [str(p) for p in paths]
+    return fig
+
+
+def make_plots(results: list[dict], out: pathlib.Path, memory_kind: str) -> list[str]:
+    """The run's plots, as PNGs in ``out``: each method's planned peak split by term beside its measured peak
+    (``memory_by_term.png``, one panel per model), throughput with p20-p80 error bars (``throughput.png``) and,
+    with models of several sizes, peak memory against model size (``peak_memory.png``). [] with a message
+    without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        print("plots skipped: matplotlib is not installed (pip install 'memtrain[bench]')")
+        return []
+    ok = _ok(results)
+    if not ok:
+        return []
+    figures = {"memory_by_term.png": memory_figure(ok, memory_kind), "throughput.png": throughput_figure(ok)}
+    if len({r["n_params"] for r in ok}) > 1:
+        figures["peak_memory.png"] = size_figure(ok, memory_kind)
+    paths = []
+    for name, fig in figures.items():
+        paths.append(str(out / name))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
 
 
 def plot_timeline(samples: list[dict], out: pathlib.Path) -> str | None:

@@ -20,7 +20,8 @@ from zo2.blocks import check_block_ownership, find_blocks, tensors_bytes
 from zo2.ring import staging_allocations, store_allocations, wire_layout
 from zo2.staging import staging_slots
 
-__all__ = ["AMP_DTYPES", "OffloadPlan", "available_host_bytes", "check_fits", "plan_offload"]
+__all__ = ["AMP_DTYPES", "OffloadPlan", "available_host_bytes", "check_fits", "hf_loss_bytes_per_logit",
+           "plan_offload"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,15 +68,27 @@ class OffloadPlan:
         """Resident modules + ring: the device memory held before any activation."""
         return self.resident_bytes + self.ring_bytes
 
-    def activation_bytes(self, batch: int, seq_len: int) -> int:
-        """An estimate of one step's activations: per half, a block's working set (hidden state, residual,
-        attention and MLP intermediates: about 16 hidden-sized tensors) and the fp32 logits."""
+    def activation_bytes(self, batch: int, seq_len: int, loss_bytes_per_logit: int | None = None) -> int:
+        """One step's activations at its busiest moment: what every half holds between blocks, plus the
+        larger of a block's working set and the loss's (one half's at a time: they never coexist).
+
+        The halves take turns (:mod:`zo2.halves`): inside a block only the half holding the baton has
+        temporaries (about 16 hidden-sized tensors: residual, attention and MLP intermediates), and a half
+        computes its head and loss after its last block and hands the baton on only when its closure
+        returns, so one half's logits exist at a time. Meanwhile each half holds up to 3 hidden-sized
+        tensors: its hidden state and what the model's forward keeps from its prologue (OPT's decoder: the
+        token and the position embeddings). ``loss_bytes_per_logit``: bytes the loss holds
+        per logit (B·T·V of them) at its peak; default :func:`hf_loss_bytes_per_logit`, Hugging Face's
+        causal-LM loss in the compute dtype."""
         if self.hidden_size is None:
             return 0
+        c = self.compute_itemsize
+        if loss_bytes_per_logit is None:
+            loss_bytes_per_logit = hf_loss_bytes_per_logit(c)
         tokens = batch * seq_len
-        block = 16 * tokens * self.hidden_size * self.compute_itemsize
-        logits = tokens * (self.vocab_size or 0) * 4
-        return self.num_halves * (block + logits)
+        hidden = tokens * self.hidden_size * c
+        loss = tokens * (self.vocab_size or 0) * loss_bytes_per_logit
+        return 3 * self.num_halves * hidden + max(16 * hidden, loss)
 
     def __str__(self) -> str:
         lines = [
@@ -90,6 +103,13 @@ class OffloadPlan:
         if self.hidden_size is not None:
             lines.append(f"  + activations, e.g. B=1 T=2048: {_fmt(self.activation_bytes(1, 2048))}")
         return "\n".join(lines)
+
+
+def hf_loss_bytes_per_logit(itemsize: int) -> int:
+    """Bytes per logit that Hugging Face's causal-LM loss (``model(**batch, labels=labels).loss``) holds at
+    its peak, for logits of ``itemsize`` bytes: the logits, their fp32 upcast (none when they are fp32) and
+    the fp32 log-softmax."""
+    return itemsize + (4 if itemsize != 4 else 0) + 4
 
 
 def plan_offload(model: nn.Module, *, amp: str | None = None, prefetch: int = 1, num_perturbations: int = 1,
@@ -133,13 +153,16 @@ def plan_offload(model: nn.Module, *, amp: str | None = None, prefetch: int = 1,
     allocations += staging_allocations(stages, max(block_bytes), pin)
     config = getattr(model, "config", None)
     slots = prefetch + 1
+    # what the blocks compute in: the low-precision copy under AMP, else their floating parameters' dtype
+    compute = wire_size or max((p.element_size() for b in block_modules for p in b.parameters()
+                                if p.is_floating_point()), default=4)
     return OffloadPlan(
         device=str(torch.device(device)), amp=amp, num_blocks=len(block_modules), block_bytes=max(block_bytes),
         ring_slots=slots, ring_bytes=slots * max(block_bytes), resident_bytes=resident,
         pinned_host_bytes=sum(a.nbytes for a in allocations if a.pinned),
         pageable_host_bytes=sum(a.nbytes for a in allocations if not a.pinned),
         num_halves=2 * num_perturbations, hidden_size=getattr(config, "hidden_size", None),
-        vocab_size=getattr(config, "vocab_size", None), compute_itemsize=wire_size or 4, staging_slots=stages,
+        vocab_size=getattr(config, "vocab_size", None), compute_itemsize=compute, staging_slots=stages,
         num_params=sum(p.numel() for p in model.parameters()))
 
 

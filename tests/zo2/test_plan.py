@@ -9,6 +9,7 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 import zo2
+from memtrain.memory import peak_rss_resettable
 
 PLANNED = ["opt", "llama", "gpt2"]
 
@@ -125,3 +126,56 @@ def test_plan_counts_the_host_buffers_the_stores_allocate(builders, monkeypatch,
     assert plan.staging_slots == (prefetch + 2 if amp else 0)
     assert (plan.pinned_host_bytes, plan.pageable_host_bytes) == (pinned, pageable)
     assert plan.host_bytes == pinned + pageable
+
+
+# A step's activations, measured: tests/zo2/measure_offload_transient.py runs offloaded CPU steps in a fresh process
+# (an OPT whose step peaks at its loss: B·T·V = 4M logits, hidden 128) and reports the RSS high-water mark a step
+# adds over the RSS it starts with. The plan may exceed it by one hidden-sized tensor per half (it counts 3 per half;
+# a model's forward may keep only 2) and by nothing else; it may fall short of it only by what it does not count:
+# page rounding (at most 4 KiB for each of the few dozen tensors alive at the loss, < 0.25 MiB) and the allocations
+# under the 64 KiB mmap threshold (position ids and masks of B·T values per half, Python objects), which glibc serves
+# from its heaps: < 0.25 MiB.
+UNCOUNTED_SLACK = 1 << 19
+
+
+@pytest.mark.skipif(not peak_rss_resettable(), reason="the RSS peak cannot be reset on this platform")
+def test_activation_estimate_matches_a_measured_cpu_step():
+    """One half's loss at a time beside every half's hidden state: Hugging Face's loss (logits, fp32 upcast,
+    fp32 log-softmax) under AMP with q = 1, and a loss on the shifted logits in the logits' dtype (copy and
+    log-softmax, ``loss_bytes_per_logit`` = 3·c) in fp32 with q = 2 (four halves)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).with_name("measure_offload_transient.py")
+    cases = [{"amp": "bf16", "q": 1, "loss": "hf"}, {"amp": None, "q": 2, "loss": "shifted"}]
+    out = subprocess.run([sys.executable, "-P", str(script), json.dumps(cases)], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == len(cases), out
+    for r in results:
+        halves, c = 2 * r["q"], 2 if r["amp"] else 4
+        hidden = 4 * 128 * 128 * c  # B·T·hidden·c
+        label = f"{r}: planned - measured = {(r['planned'] - r['measured']) / 2**20:+.2f} MiB"
+        assert r["measured"] > 20 << 20, label  # the loss dominates: 4M logits of 6 to 12 bytes
+        assert r["planned"] - halves * hidden <= r["measured"] + UNCOUNTED_SLACK, label
+        assert r["measured"] <= r["planned"] + UNCOUNTED_SLACK, label
+
+
+def test_a_native_16_bit_model_computes_in_its_own_dtype():
+    """Without AMP the blocks compute in their parameters' dtype: a bf16 model's activations are those of the
+    fp32 model under AMP (bf16 compute), half those of the fp32 model apart from the loss's fp32 upcast."""
+    def plan(dtype, amp):
+        with torch.device("meta"):
+            model = OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                                             vocab_size=1000, word_embed_proj_dim=64)).to(dtype)
+        return zo2.plan_offload(model, amp=amp)
+
+    native16, amp16, fp32 = plan(torch.bfloat16, None), plan(torch.float32, "bf16"), plan(torch.float32, None)
+    assert native16.activation_bytes(2, 32) == amp16.activation_bytes(2, 32)
+    tokens = 2 * 32
+    # fp32: 3 hidden-sized tensors per half, two halves, and the loss's logits + log-softmax (8 bytes per logit);
+    # bf16: the same hidden states in half the bytes, the loss's logits (2) + fp32 upcast (4) + log-softmax (4)
+    assert fp32.activation_bytes(2, 32) == 6 * tokens * 64 * 4 + tokens * 1000 * 8
+    assert native16.activation_bytes(2, 32) == 6 * tokens * 64 * 2 + tokens * 1000 * 10
