@@ -204,7 +204,8 @@ def lm_loss_bytes_per_logit(itemsize: int) -> int:
 def offload_parts(i: PlanInput, amp: bool,
                   loss_bytes_per_logit: Callable[[int], int] = lm_loss_bytes_per_logit) -> dict[str, int]:
     """zo2.offload's peak, from zo2's own plan of the meta-device model (``zo2.plan_offload``): resident
-    modules, the ring of block slots, a step's activations and logits; on the CPU also the host store.
+    modules, the ring of block slots, a step's activations and logits; on CUDA the cuBLAS workspaces, on the CPU
+    the host store.
     ``loss_bytes_per_logit`` maps the compute dtype's bytes to what the closure's loss holds per logit (default:
     the bench's loss; ``zo2.plan.hf_loss_bytes_per_logit`` for Hugging Face's)."""
     plan = _offload_plan(i.shape.name, i.dtype, amp, i.ring_slots - 1, i.device)
@@ -214,6 +215,8 @@ def offload_parts(i: PlanInput, amp: bool,
         "activations and logits (all halves)": plan.activation_bytes(
             i.batch, i.seq, loss_bytes_per_logit(plan.compute_itemsize)),
     }
+    if plan.workspace_bytes:  # CUDA
+        parts["cuBLAS workspaces"] = plan.workspace_bytes
     if i.device.startswith("cpu"):  # the host store (the blocks, and their low-precision copy) is the same memory
         parts["host store (blocks)"] = plan.host_bytes
     return parts

@@ -9,6 +9,7 @@ anything is moved.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -20,8 +21,8 @@ from zo2.blocks import check_block_ownership, find_blocks, tensors_bytes
 from zo2.ring import staging_allocations, store_allocations, wire_layout
 from zo2.staging import staging_slots
 
-__all__ = ["AMP_DTYPES", "OffloadPlan", "available_host_bytes", "check_fits", "hf_loss_bytes_per_logit",
-           "plan_offload"]
+__all__ = ["AMP_DTYPES", "OffloadPlan", "available_host_bytes", "check_fits", "cublas_workspace_bytes",
+           "hf_loss_bytes_per_logit", "plan_offload"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,6 +52,7 @@ class OffloadPlan:
     compute_itemsize: int = 4
     staging_slots: int = 0  # AMP: host slots of the low-precision copies in flight (zo2.staging)
     num_params: int = 0  # the model's parameters (each tied one once)
+    workspace_bytes: int = 0  # CUDA: the cuBLAS workspaces of the threads that compute (cublas_workspace_bytes)
 
     @property
     def host_bytes_per_param(self) -> float:
@@ -65,8 +67,8 @@ class OffloadPlan:
 
     @property
     def device_bytes(self) -> int:
-        """Resident modules + ring: the device memory held before any activation."""
-        return self.resident_bytes + self.ring_bytes
+        """Resident modules + ring + cuBLAS workspaces: the device memory held before any activation."""
+        return self.resident_bytes + self.ring_bytes + self.workspace_bytes
 
     def activation_bytes(self, batch: int, seq_len: int, loss_bytes_per_logit: int | None = None) -> int:
         """One step's activations at its busiest moment: what every half holds between blocks, plus the
@@ -100,6 +102,9 @@ class OffloadPlan:
             + (f", fp32 master + {self.staging_slots} staging slots in {self.amp}" if self.amp else "")
             + f"; pinned {_fmt(self.pinned_host_bytes)}, pageable {_fmt(self.pageable_host_bytes)})",
         ]
+        if self.workspace_bytes:
+            lines.append(f"  cuBLAS workspaces      {_fmt(self.workspace_bytes):>12}  "
+                         f"({self.num_halves} half threads + the caller's)")
         if self.hidden_size is not None:
             lines.append(f"  + activations, e.g. B=1 T=2048: {_fmt(self.activation_bytes(1, 2048))}")
         return "\n".join(lines)
@@ -163,7 +168,31 @@ def plan_offload(model: nn.Module, *, amp: str | None = None, prefetch: int = 1,
         pageable_host_bytes=sum(a.nbytes for a in allocations if not a.pinned),
         num_halves=2 * num_perturbations, hidden_size=getattr(config, "hidden_size", None),
         vocab_size=getattr(config, "vocab_size", None), compute_itemsize=compute, staging_slots=stages,
-        num_params=sum(p.numel() for p in model.parameters()))
+        num_params=sum(p.numel() for p in model.parameters()),
+        workspace_bytes=(2 * num_perturbations + 1) * cublas_workspace_bytes(device) if pin else 0)
+
+
+def cublas_workspace_bytes(device: str | torch.device) -> int:
+    """Device memory torch's cuBLAS takes per computing thread (one handle per thread; its workspace, and the
+    cuBLASLt one, come from the caching allocator and count as allocated memory).
+
+    ``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE_KiB:COUNT`` pairs) when set; otherwise NVIDIA's recommendation,
+    32 MiB from Hopper on (compute capability 9, assumed unless CUDA is already initialized) and torch's
+    4096 KiB x 2 + 16 KiB x 8 before it. The cuBLASLt workspace is counted at ``CUBLASLT_WORKSPACE_SIZE``
+    KiB when set, else at the same size: an upper bound, as a plan that guards against running out of device
+    memory should be."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config:
+        numbers = [int(x) for x in config.split(":") if x.strip().isdigit()]
+        cublas = sum(size * count for size, count in zip(numbers[0::2], numbers[1::2], strict=False)) * 1024
+    else:
+        dev = torch.device(device)
+        major = 9  # asked only of an initialized CUDA: planning must not create a context
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            major = torch.cuda.get_device_capability(dev.index if dev.index is not None else 0)[0]
+        cublas = 32 * 2**20 if major >= 9 else (4096 * 2 + 16 * 8) * 1024
+    lt = os.environ.get("CUBLASLT_WORKSPACE_SIZE")
+    return cublas + (int(lt) * 1024 if lt and lt.strip().isdigit() else cublas)
 
 
 def check_fits(plan: OffloadPlan, device: torch.device, extra_host_bytes: int) -> None:

@@ -179,3 +179,26 @@ def test_a_native_16_bit_model_computes_in_its_own_dtype():
     # bf16: the same hidden states in half the bytes, the loss's logits (2) + fp32 upcast (4) + log-softmax (4)
     assert fp32.activation_bytes(2, 32) == 6 * tokens * 64 * 4 + tokens * 1000 * 8
     assert native16.activation_bytes(2, 32) == 6 * tokens * 64 * 2 + tokens * 1000 * 10
+
+
+def test_cuda_plan_holds_a_cublas_workspace_per_computing_thread(monkeypatch):
+    """On CUDA each half's thread and the caller have their own cuBLAS handle, each with a workspace and a
+    cuBLASLt workspace from the caching allocator; the CPU has none. Sizes here from the environment."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:2:16:8")
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "1024")
+    per_thread = (4096 * 2 + 16 * 8) * 1024 + 1024 * 1024
+    assert zo2.plan.cublas_workspace_bytes("cuda") == per_thread
+    with torch.device("meta"):
+        model = OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4,
+                                         vocab_size=101, max_position_embeddings=40, word_embed_proj_dim=32))
+    for q in (1, 3):
+        cuda = zo2.plan_offload(model, device="cuda", num_perturbations=q)
+        assert cuda.workspace_bytes == (2 * q + 1) * per_thread
+        assert cuda.device_bytes == cuda.resident_bytes + cuda.ring_bytes + cuda.workspace_bytes
+        assert "cuBLAS workspaces" in str(cuda)
+    cpu = zo2.plan_offload(model, device="cpu")
+    assert cpu.workspace_bytes == 0 and cpu.device_bytes == cpu.resident_bytes + cpu.ring_bytes
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE")
+    if not torch.cuda.is_initialized():  # planned without asking the GPU: Hopper's 32 MiB, cuBLAS and cuBLASLt
+        assert zo2.plan.cublas_workspace_bytes("cuda") == 2 * 32 * 2**20
