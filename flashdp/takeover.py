@@ -30,6 +30,8 @@ __all__ = ["directly_read_children"]
 _ATTR = re.compile(r"(==\s*|!=\s*)?self\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?!\w|\.(?:dtype|device|shape|ndim|is_cuda)\b)")
 _VALUE = re.compile(r"(?:[(,=]|\breturn)\s*self\.([A-Za-z_]\w*)\s*(?=[,)\n]|$)", re.M)
 _CALL = re.compile(r"self\.([A-Za-z_]\w*)\s*\(")
+_RETURN = re.compile(r"^\s*return\b(.*)$", re.M)
+_SELF_ITEM = re.compile(r"self\.([A-Za-z_]\w*)")
 
 
 def _method_source(cls: type, name: str) -> str:
@@ -63,12 +65,44 @@ def _reads(cls: type) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
     return frozenset(attrs), frozenset(values)
 
 
+@functools.cache
+def _returned(cls: type) -> frozenset[str]:
+    """Attributes ``cls.forward`` returns as they are (``return out, self.dense_bias``)."""
+    found: set[str] = set()
+    for ret in _RETURN.findall(_method_source(cls, "forward")):
+        for item in _top_level_items(ret):
+            m = _SELF_ITEM.fullmatch(item)
+            if m:
+                found.add(m.group(1))
+    return frozenset(found)
+
+
+def _top_level_items(expr: str) -> list[str]:
+    """The comma-separated items of a returned expression (``(a, self.b)`` → ``["a", "self.b"]``), stripped."""
+    expr = expr.strip()
+    if expr.startswith("(") and expr.endswith(")"):
+        expr = expr[1:-1]
+    items, depth, cur = [], 0, ""
+    for ch in expr:
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return [*items, cur.strip()]
+
+
 def directly_read_children(module: nn.Module, trainable: dict[str, list[str]]) -> list[str]:
-    """Names of ``module``'s children whose trainable parameters ``module``'s forward may use without calling them.
+    """Names of ``module``'s children whose trainable parameters ``module``'s forward may use without their clip:
+    read directly (``self.child.weight``, the child handed to a function), or returned by the child's own forward
+    (GPT-NeoX-Japanese's attention returns its ``dense_bias`` for its caller to add, broadcast over the batch).
 
     Args:
         module: a module of the model.
         trainable: ``child name → the child's own trainable attributes`` (children owning none are left out).
     """
     attrs, values = _reads(type(module))
-    return [c for c, own in trainable.items() if c in values or any((c, a) in attrs for a in own)]
+    kids = module._modules
+    return [c for c, own in trainable.items() if c in values or any((c, a) in attrs for a in own)
+            or any(a in _returned(type(kids[c])) for a in own)]
