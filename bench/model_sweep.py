@@ -23,6 +23,7 @@ Nothing here is timed; the JSON is deterministic up to library versions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import io
 import json
@@ -35,7 +36,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stdout
 from typing import Any
 
@@ -311,6 +312,16 @@ def clipped_sum(per: list[dict[str, torch.Tensor]], groups: list[list[str]], c_l
     return out
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
 def batched_rounding(model: nn.Module, ids: torch.Tensor, per: list[dict[str, torch.Tensor]],
                      want: dict[str, torch.Tensor]) -> float:
     """Plain PyTorch's rounding of a batched gradient against the per-sample loop, at the scale of the clipped sum:
@@ -336,13 +347,15 @@ def check_flashdp(model_type: str) -> dict[str, Any]:
     model = build(model_type, torch.float32)
     ids = batch(model)
     groups = reference_groups(model)
-    per64 = per_sample_grads(copy.deepcopy(model).double(), ids)
+    with _default_dtype(torch.float64):  # tensors the forward creates are float64 too (XGLM's finfo(dtype).min)
+        per64 = per_sample_grads(copy.deepcopy(model).double(), ids)
     norms = sorted(math.sqrt(sum(float(g[n].square().sum()) for n in grp)) for g in per64 for grp in groups)
     c_l = norms[len(norms) // 2] or 1.0  # the median group norm: some groups clipped, some not
     C = c_l * math.sqrt(len(groups))
     want = clipped_sum(per64, groups, c_l)
     base = clipped_sum(per_sample_grads(copy.deepcopy(model), ids), groups, c_l)  # plain torch, float32
-    err_batch = batched_rounding(copy.deepcopy(model).double(), ids, per64, want)
+    with _default_dtype(torch.float64):
+        err_batch = batched_rounding(copy.deepcopy(model).double(), ids, per64, want)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
