@@ -155,7 +155,7 @@ def theta_keys(module: nn.Module) -> list[str]:
 def _resolve(module: nn.Module, key: str) -> Tensor:
     """The tensor ``module`` holds now under ``key`` (``attr`` or ``child.attr``)."""
     child, _, attr = key.rpartition(".")
-    return (module._modules[child] if child else module)._parameters[attr]
+    return (module.get_submodule(child) if child else module)._parameters[attr]
 
 
 def _groups_of(module: nn.Module, keys: list[str]) -> list[tuple[nn.Module, list[str]]]:
@@ -164,7 +164,7 @@ def _groups_of(module: nn.Module, keys: list[str]) -> list[tuple[nn.Module, list
     out: dict[int, tuple[nn.Module, list[str]]] = {}
     for k in keys:
         child = k.rpartition(".")[0]
-        owner = module._modules[child] if child else module
+        owner = module.get_submodule(child) if child else module
         group = owner.__dict__["_flashdp_group"]
         out.setdefault(id(group), (owner, []))[1].append(k)
     return list(out.values())

@@ -33,7 +33,7 @@ from .fallback import fallback_class
 from .groups import ClipGroup
 from .registry import find_converter, register_layer, supported_labels
 from .runtime import Runtime
-from .takeover import directly_read_children
+from .takeover import directly_read_children, known_take_overs
 
 __all__ = ["PrivacyState", "make_private", "privacy_state", "register_layer", "state_of_parameter"]
 
@@ -343,13 +343,19 @@ def make_private(
 
 def _take_overs(all_mods: dict[str, nn.Module], own: dict[str, list[str]]) -> dict[str, list[str]]:
     """``parent path → ["child.attr", ...]``: the child parameters each module's forward reads directly
-    (:mod:`flashdp.takeover`), which its fallback replay differentiates in the child's stead."""
+    (:mod:`flashdp.takeover`), which its fallback replay differentiates in the child's stead; for the parents
+    ``takeover.KNOWN`` lists, every trainable parameter in the named children's subtrees."""
     out: dict[str, list[str]] = {}
     for path, mod in all_mods.items():
         kids = {c: own[f"{path}.{c}" if path else c] for c, ch in mod._modules.items()
                 if ch is not None and (f"{path}.{c}" if path else c) in own}
-        for c in directly_read_children(mod, kids) if kids else ():
-            out.setdefault(path, []).extend(f"{c}.{a}" for a in kids[c])
+        keys = [f"{c}.{a}" for c in (directly_read_children(mod, kids) if kids else ()) for a in kids[c]]
+        for c in known_take_overs(mod):
+            base = f"{path}.{c}" if path else c
+            keys += [f"{c}{sub[len(base):]}.{a}" for sub, attrs in own.items()
+                     if sub == base or sub.startswith(base + ".") for a in attrs]
+        if keys:
+            out[path] = list(dict.fromkeys(keys))
     return out
 
 

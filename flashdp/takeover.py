@@ -24,7 +24,18 @@ import textwrap
 
 from torch import nn
 
-__all__ = ["directly_read_children"]
+__all__ = ["KNOWN", "directly_read_children", "known_take_overs"]
+
+# Parents whose children see the batch in another layout than sample-major rows, so that only a per-sample replay
+# of the parent separates the samples: ``qualified class name → children taken over whole (their subtrees)``.
+KNOWN: dict[str, tuple[str, ...]] = {
+    # experts over the tokens repeated expert-major, (E·B·T, d)
+    "transformers.models.llama4.modeling_llama4.Llama4TextMoe": ("experts",),
+    # experts over the tokens sorted by expert, with per-expert counts over the whole batch
+    "transformers.models.jetmoe.modeling_jetmoe.JetMoeMoE": ("input_linear", "output_linear"),
+    # the attention calls its experts' map/reduce (not forward), over tokens sorted by expert
+    "transformers.models.jetmoe.modeling_jetmoe.JetMoeAttention": ("experts",),
+}
 
 # a parameter read, but not for its metadata, nor in a comparison (no gradient flows through ``==``)
 _ATTR = re.compile(r"(==\s*|!=\s*)?self\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?!\w|\.(?:dtype|device|shape|ndim|is_cuda)\b)")
@@ -75,6 +86,15 @@ def _returned(cls: type) -> frozenset[str]:
             if m:
                 found.add(m.group(1))
     return frozenset(found)
+
+
+def known_take_overs(module: nn.Module) -> tuple[str, ...]:
+    """The children :data:`KNOWN` lists for ``module``'s class (or a base class), else ``()``."""
+    for klass in type(module).__mro__:
+        found = KNOWN.get(f"{klass.__module__}.{klass.__qualname__}")
+        if found is not None:
+            return found
+    return ()
 
 
 def _top_level_items(expr: str) -> list[str]:

@@ -226,3 +226,36 @@ def test_mamba_matches_the_loop(ref):
     # the model's loss is a mean over the batch's tokens, the mean of the samples' own losses (equal lengths)
     check_against_loop(ref, model, lambda m, b: loss(m, ids[b:b + 1]), lambda m: loss(m, ids), 3, reduction="mean")
     assert "conv1d.weight" in model.backbone.layers[0].mixer.__dict__["_flashdp_taken"]
+
+
+class ExpertMajor(nn.Module):
+    """Its experts see the tokens repeated expert-major, (E·B·T, d) (Llama 4's MoE): only a replay of the parent
+    separates the samples."""
+
+    def __init__(self, d=4, E=2):
+        super().__init__()
+        self.E = E
+        self.experts = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d))
+
+    def forward(self, x):  # (B, T, d)
+        rows = x.reshape(-1, x.shape[-1])
+        scale = torch.arange(1, self.E + 1).repeat_interleave(rows.shape[0])[:, None]
+        out = self.experts(rows.repeat(self.E, 1) * scale)
+        return out.reshape(self.E, *x.shape).sum(0)
+
+
+def test_known_parent_replays_children_that_see_another_layout(ref, monkeypatch):
+    from flashdp import takeover
+
+    monkeypatch.setitem(takeover.KNOWN, f"{ExpertMajor.__module__}.{ExpertMajor.__qualname__}", ("experts",))
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Embedding(9, 4), ExpertMajor(), nn.Linear(4, 5))
+    ids = torch.randint(0, 9, (3, 4))
+
+    def loss(m, x):
+        logits = m(x)
+        return F.cross_entropy(logits.reshape(-1, 5), (x % 5).reshape(-1), reduction="sum")
+
+    check_against_loop(ref, model, lambda m, b: loss(m, ids[b:b + 1]), lambda m: loss(m, ids), 3)
+    assert model[1].__dict__["_flashdp_taken"] == ["experts.0.weight", "experts.0.bias", "experts.2.weight",
+                                                   "experts.2.bias"]
