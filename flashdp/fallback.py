@@ -256,7 +256,9 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
         with torch.enable_grad():
             th = {a: t.clone().requires_grad_(True) for a, t in theta.items()}
             val, ys_b = loss(th, [x[b] for x in xs], [g[b] for g in gs])
-            got = torch.autograd.grad(val, list(th.values()), allow_unused=True)
+            # an output that does not depend on θ in this sample's replay (a branch the sample does not take): zero
+            got = torch.autograd.grad(val, list(th.values()), allow_unused=True) if val.requires_grad else \
+                [None] * len(th)
         for (a, t), g in zip(th.items(), got, strict=True):
             rows[a].append(torch.zeros_like(t) if g is None else g)
         ys_rows.append(ys_b)
@@ -273,7 +275,7 @@ def _check_replay(mod: nn.Module, outs: list, ys: list[Tensor], B: int) -> None:
         want = _per_sample(y, B)
         scale = float(want.abs().max()) if want.numel() else 0.0
         tol = 1024 * torch.finfo(want.dtype).eps * scale
-        if got.shape != want.shape or float((got.to(want.dtype) - want).abs().max(), ) > tol:
+        if got.shape != want.shape or (want.numel() and float((got.to(want.dtype) - want).abs().max()) > tol):
             raise _replay_error(mod, f"replaying it one sample at a time does not reproduce its output {i}: dim 0 of "
                                 "its inputs is not the batch flattened sample-major (samples mixed in one row, or "
                                 "rows ordered another way)")
