@@ -493,11 +493,14 @@ def _cell(c: dict[str, Any] | None) -> str:
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per column: built (rows not skipped), exact, DIFFERS, refused/error."""
+    """Per column that was run (``--columns`` may pick some): built (rows not skipped), exact, DIFFERS,
+    refused/error."""
     built = [r for r in rows if r.get(next(iter(COLUMNS))) is not None or any(c in r for c in COLUMNS)]
     out = {}
     for col in COLUMNS:
         cells = [r[col] for r in built if col in r]
+        if not cells:
+            continue
         out[col] = {"built": len(built), "exact": sum(c["status"] == "exact" for c in cells),
                     "DIFFERS": sum(c["status"] == "DIFFERS" for c in cells),
                     "refused_or_error": sum(c["status"] in ("refused", "error") for c in cells)}
