@@ -14,7 +14,11 @@ made private this way, as Opacus's functorch mode does:
   several times per forward (one use per call, cross terms in the group) are clipped exactly.
 
 During the replay every DP layer inside the module runs its plain forward with detached parameters (their
-own clipping happened in the real backward); only the module's *own* parameters are differentiated.
+own clipping happened in the real backward); only the module's *own* parameters are differentiated, and those
+of the children it takes over (:mod:`flashdp.takeover`: a parent that reads a child's parameters directly). A
+taken parameter is detached in the real forward inside the parent and its per-sample gradients go to the
+child's clip group (:func:`theta_keys`; one use per group per forward call), so the clip groups, and the noise
+std σ·C_total over them, are what they would be without the take-over.
 
 Cost: one more forward of the module per backward, and the per-sample gradient of its own parameters,
 ``B × numel`` elements held until the clip (:func:`fallback_bytes`). ``make_private`` warns with the
