@@ -513,8 +513,9 @@ def sweep_markdown(doc: dict[str, Any]) -> str:
     lines = ["| columns | built | exact | DIFFERS | refused/error |", "|---|---|---|---|---|"]
     for col, s in doc["summary"].items():
         lines.append(f"| {col} | {s['built']} | {s['exact']} | {s['DIFFERS']} | {s['refused_or_error']} |")
-    lines += ["", "| model_type | class | params | " + " | ".join(COLUMNS) + " | flashdp fallback modules |",
-              "|---" * (4 + len(COLUMNS)) + "|"]
+    cols = [c for c in COLUMNS if c in doc["summary"]]  # the columns run
+    lines += ["", "| model_type | class | params | " + " | ".join(cols) + " | flashdp fallback modules |",
+              "|---" * (4 + len(cols)) + "|"]
     skipped = []
     for r in rows:
         if "skipped" in r or "crashed" in r:
@@ -522,7 +523,7 @@ def sweep_markdown(doc: dict[str, Any]) -> str:
             continue
         fb = "; ".join((r.get("flashdp") or {}).get("fallback", []))[:300] or "-"
         lines.append(f"| {r['model_type']} | {r.get('class')} | {r.get('params', '')} | "
-                     + " | ".join(_cell(r.get(c)) for c in COLUMNS) + f" | {fb} |")
+                     + " | ".join(_cell(r.get(c)) for c in cols) + f" | {fb} |")
     if skipped:
         lines += ["", "Not built tiny (or not run on text alone):", ""]
         lines += [f"- {r['model_type']}: {(r.get('skipped') or r.get('crashed') or '')[:200]}" for r in skipped]

@@ -43,7 +43,7 @@ def test_summary_of_a_partial_run_lists_only_the_columns_run():
     rows = [{"model_type": "a", "class": "A", "params": 1, "flashdp": {"status": "exact", "err": 0.0}}]
     doc = {"rows": rows, "transformers": "x", "summary": ms.summary(rows)}
     assert list(doc["summary"]) == ["flashdp"]
-    assert "zo2" not in ms.supported_models_markdown(doc)
+    assert "zo2" not in ms.supported_models_markdown(doc) and "zo2" not in ms.sweep_markdown(doc)
 
 
 @pytest.mark.parametrize("model_type,fallback", [("mamba", "taken over"), ("blenderbot-small", "")])
