@@ -77,13 +77,16 @@ class _Record:
 
 
 def fallback_bytes(model: nn.Module, batch_size: int) -> int:
-    """Bytes of the per-sample gradients the fallback modules of a private ``model`` hold at a batch of B."""
-    total = 0
+    """Bytes of the per-sample gradients the fallback modules of a private ``model`` hold at a batch of B: B × numel
+    fp32 per parameter a fallback replay differentiates (each once, also when a parent takes it over from a child
+    that is a fallback module itself)."""
+    seen: dict[int, int] = {}
     for mod in model.modules():
         if isinstance(mod, DPFallbackMixin):
             for k in theta_keys(mod):
-                total += batch_size * _resolve(mod, k).numel() * 4  # fp32 per-sample gradients (FallbackUse)
-    return total
+                p = _resolve(mod, k)
+                seen[id(p)] = p.numel()
+    return batch_size * 4 * sum(seen.values())  # fp32 per-sample gradients (FallbackUse)
 
 
 def _replay_error(module: nn.Module, what: str) -> FlashDPError:

@@ -99,6 +99,11 @@ def test_parent_reading_children_directly_matches_the_loop_with_the_childrens_gr
     assert all(g.max_norm == pytest.approx(C / math.sqrt(len(groups))) for g in state.groups)
     assert model.mix.__dict__["_flashdp_taken"] == ["conv.weight", "conv.bias", "dt.weight", "dt.bias",
                                                     "out.weight", "out.bias"]
+    # B x numel fp32 per-sample gradients of every parameter a replay differentiates, once each (the conv is a
+    # fallback module of its own too)
+    mix = model.mix
+    taken = sum(p.numel() for m in (mix.conv, mix.dt, mix.out) for p in m.parameters())
+    assert flashdp.fallback_bytes(model, 5) == 5 * 4 * (mix.A.numel() + taken)
 
 
 def test_noise_std_is_sigma_times_c_total_over_the_released_groups():
