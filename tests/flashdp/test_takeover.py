@@ -264,3 +264,21 @@ def test_known_parent_replays_children_that_see_another_layout(ref, monkeypatch)
     check_against_loop(ref, model, lambda m, b: loss(m, ids[b:b + 1]), lambda m: loss(m, ids), 3)
     assert model[1].__dict__["_flashdp_taken"] == ["experts.0.weight", "experts.0.bias", "experts.2.weight",
                                                    "experts.2.bias"]
+
+
+def test_deepcopy_keeps_the_take_over():
+    import copy
+
+    torch.manual_seed(5)
+    model = MixerNet()
+    ids = torch.randint(0, 9, (3, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", flashdp.FallbackWarning)
+        flashdp.make_private(model, 0.5)
+    twins = [copy.deepcopy(model)]
+    _ce(model, ids).backward()
+    for twin in twins:
+        assert twin.mix.__dict__["_flashdp_taken"] == model.mix.__dict__["_flashdp_taken"]
+        _ce(twin, ids).backward()
+        for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad), n  # the same computation on the same values: bit for bit
