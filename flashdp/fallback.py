@@ -14,7 +14,11 @@ made private this way, as Opacus's functorch mode does:
   several times per forward (one use per call, cross terms in the group) are clipped exactly.
 
 During the replay every DP layer inside the module runs its plain forward with detached parameters (their
-own clipping happened in the real backward); only the module's *own* parameters are differentiated.
+own clipping happened in the real backward); only the module's *own* parameters are differentiated, and those
+of the children it takes over (:mod:`flashdp.takeover`: a parent that reads a child's parameters directly). A
+taken parameter is detached in the real forward inside the parent and its per-sample gradients go to the
+child's clip group (:func:`theta_keys`; one use per group per forward call), so the clip groups, and the noise
+std σ·C_total over them, are what they would be without the take-over.
 
 Cost: one more forward of the module per backward, and the per-sample gradient of its own parameters,
 ``B × numel`` elements held until the clip (:func:`fallback_bytes`). ``make_private`` warns with the
@@ -43,7 +47,7 @@ from .errors import FlashDPError
 from .layers_common import in_replay, layer_call, replaying
 from .layers_norm import NormUse
 
-__all__ = ["DPFallbackMixin", "FallbackUse", "fallback_bytes", "fallback_class"]
+__all__ = ["DPFallbackMixin", "FallbackUse", "fallback_bytes", "fallback_class", "theta_keys"]
 
 logger = logging.getLogger("flashdp")
 
@@ -59,7 +63,8 @@ class _Record:
     """What one forward call of a fallback module keeps for its backward."""
 
     module: nn.Module
-    call: Any
+    keys: list[str]  # theta_keys(module) at forward
+    calls: list[tuple[Any, list[str]]]  # (LayerCall, its keys) per clip group
     leaves: list[Any]  # the flattened (args, kwargs), tensors detached
     spec: Any
     batched: list[int]  # indices of the leaves with the batch dimension
@@ -72,14 +77,16 @@ class _Record:
 
 
 def fallback_bytes(model: nn.Module, batch_size: int) -> int:
-    """Bytes of the per-sample gradients the fallback modules of a private ``model`` hold at a batch of B."""
-    total = 0
+    """Bytes of the per-sample gradients the fallback modules of a private ``model`` hold at a batch of B: B × numel
+    fp32 per parameter a fallback replay differentiates (each once, also when a parent takes it over from a child
+    that is a fallback module itself)."""
+    seen: dict[int, int] = {}
     for mod in model.modules():
         if isinstance(mod, DPFallbackMixin):
-            for a in mod.__dict__.get("_flashdp_param_names", {}):
-                p = mod._parameters[a]
-                total += batch_size * p.numel() * 4  # fp32 per-sample gradients (FallbackUse)
-    return total
+            for k in theta_keys(mod):
+                p = _resolve(mod, k)
+                seen[id(p)] = p.numel()
+    return batch_size * 4 * sum(seen.values())  # fp32 per-sample gradients (FallbackUse)
 
 
 def _replay_error(module: nn.Module, what: str) -> FlashDPError:
@@ -95,8 +102,8 @@ class DPFallbackMixin:
     """Mixed into a module class with no registered DP layer (see the module docstring)."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        own = list(self.__dict__.get("_flashdp_param_names", {}))
-        params = tuple(self._parameters[a] for a in own)
+        keys = theta_keys(self)
+        params = tuple(_resolve(self, k) for k in keys)
         plain = super().forward  # type: ignore[misc]
         if in_replay() or not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
             return plain(*args, **kwargs)
@@ -105,8 +112,8 @@ class DPFallbackMixin:
             if not isinstance(leaf, (Tensor, *_SIMPLE)) and not callable(leaf):
                 raise _replay_error(self, f"its forward got an argument of type {type(leaf).__name__} that it cannot "
                                     "replay (a cache object? pass use_cache=False)")
-        group = self.__dict__["_flashdp_group"]
-        B = group.runtime.model_batch()
+        groups = _groups_of(self, keys)
+        B = groups[0][0].__dict__["_flashdp_group"].runtime.model_batch()
         tensors = [(i, t) for i, t in enumerate(leaves) if isinstance(t, Tensor)]
         if B is None:
             B = next((int(t.shape[0]) for _, t in tensors if t.dim() >= 1), None)
@@ -119,9 +126,15 @@ class DPFallbackMixin:
             raise _replay_error(self, "it has active dropout (random operations cannot be replayed per sample); "
                                 "set the dropout probabilities to 0 or call model.eval()")
         # (rows, d) may be the batch flattened sample-major (a view of a batch-first tensor, see layer_call); an
-        # input with more dims must have the batch in dim 0: a layout is never guessed from a row count
-        call = layer_call(self, leaves[batched[0]], params, min_dim=min(leaves[batched[0]].dim(), 2))
-        detached = {a: p.detach() for a, p in zip(own, params, strict=True)}
+        # input with more dims must have the batch in dim 0: a layout is never guessed from a row count.
+        # One call per clip group the replay feeds: the module's own, and each child's it takes over.
+        x = leaves[batched[0]]
+        calls = []
+        for owner, members in groups:
+            call = layer_call(owner, x, tuple(params[keys.index(k)] for k in members), min_dim=min(x.dim(), 2))
+            if call is not None:
+                calls.append((call, members))
+        detached = {k: p.detach() for k, p in zip(keys, params, strict=True)}
         with _reparametrize_module(self, detached, tie_weights=False):
             out = plain(*args, **kwargs)
         out_leaves, out_spec = tree_flatten(out)
@@ -129,7 +142,7 @@ class DPFallbackMixin:
         if not out_float:
             raise _replay_error(self, "its forward returned no floating-point tensor to differentiate")
         rec = _Record(
-            module=self, call=call,
+            module=self, keys=keys, calls=calls,
             leaves=[t.detach() if isinstance(t, Tensor) else t for t in leaves], spec=spec, batched=batched,
             versions=[(i, t._version) for i, t in tensors], buffer_versions=[b._version for b in self.buffers()],
             out_spec=out_spec, out_leaves=len(out_leaves), out_float=out_float,
@@ -138,6 +151,30 @@ class DPFallbackMixin:
         for i, t in zip(out_float, new, strict=True):
             out_leaves[i] = t
         return tree_unflatten(out_leaves, out_spec)
+
+
+def theta_keys(module: nn.Module) -> list[str]:
+    """The parameters a fallback module's replay differentiates, by their names in the module: its own trainable
+    attributes, then ``child.attr`` of each child parameter it takes over (:mod:`flashdp.takeover`)."""
+    return [*module.__dict__.get("_flashdp_param_names", {}), *module.__dict__.get("_flashdp_taken", ())]
+
+
+def _resolve(module: nn.Module, key: str) -> Tensor:
+    """The tensor ``module`` holds now under ``key`` (``attr`` or ``child.attr``)."""
+    child, _, attr = key.rpartition(".")
+    return (module.get_submodule(child) if child else module)._parameters[attr]
+
+
+def _groups_of(module: nn.Module, keys: list[str]) -> list[tuple[nn.Module, list[str]]]:
+    """``(module owning the clip group, its keys)`` per clip group, in key order: a taken-over child's parameters
+    stay in the child's group (clip groups are what make_private built, whoever replays the computation)."""
+    out: dict[int, tuple[nn.Module, list[str]]] = {}
+    for k in keys:
+        child = k.rpartition(".")[0]
+        owner = module.get_submodule(child) if child else module
+        group = owner.__dict__["_flashdp_group"]
+        out.setdefault(id(group), (owner, []))[1].append(k)
+    return list(out.values())
 
 
 class _Capture(torch.autograd.Function):
@@ -153,25 +190,25 @@ class _Capture(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None):
         rec = ctx.rec
         per = _per_sample_grads(rec, list(grads))
-        own = list(rec.module.__dict__["_flashdp_param_names"])
-        pairs = [(p, per[a].reshape(per[a].shape[0], -1).float()) for a, p in zip(own, ctx.params, strict=True)
-                 if p.requires_grad]
-        if pairs:
-            rec.call.add_use(FallbackUse(pairs))
+        param_of = dict(zip(rec.keys, ctx.params, strict=True))
+        for call, members in rec.calls:
+            pairs = [(param_of[k], per[k].reshape(per[k].shape[0], -1).float()) for k in members
+                     if param_of[k].requires_grad]
+            if pairs:
+                call.add_use(FallbackUse(pairs))
         return (None, None, *([None] * ctx.n_params), *grads)
 
 
 def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Tensor]:
     """``attr → (B, *shape)``: ∇_θ ⟨module(x_b; θ), G_b⟩ for every sample b, by vmap (or a loop)."""
     mod = rec.module
-    B = rec.call.batch_size
+    B = rec.calls[0][0].batch_size
     for i, v in rec.versions:
         if rec.leaves[i]._version != v:
             raise _replay_error(mod, "one of its inputs was modified in place after its forward")
     if [b._version for b in mod.buffers()] != rec.buffer_versions:
         raise _replay_error(mod, "its buffers changed between forward and backward (running statistics?)")
-    own = list(mod.__dict__["_flashdp_param_names"])
-    theta = {a: mod._parameters[a].detach() for a in own}
+    theta = {k: _resolve(mod, k).detach() for k in rec.keys}
     fixed = {n: p.detach() for n, p in mod.named_parameters(remove_duplicate=False) if n not in theta}
     fixed.update({n: b.clone() for n, b in mod.named_buffers(remove_duplicate=False)})  # a replay leaves them intact
     outs = []
@@ -226,7 +263,9 @@ def _per_sample_grads(rec: _Record, grads: list[Tensor | None]) -> dict[str, Ten
         with torch.enable_grad():
             th = {a: t.clone().requires_grad_(True) for a, t in theta.items()}
             val, ys_b = loss(th, [x[b] for x in xs], [g[b] for g in gs])
-            got = torch.autograd.grad(val, list(th.values()), allow_unused=True)
+            # an output that does not depend on θ in this sample's replay (a branch the sample does not take): zero
+            got = torch.autograd.grad(val, list(th.values()), allow_unused=True) if val.requires_grad else \
+                [None] * len(th)
         for (a, t), g in zip(th.items(), got, strict=True):
             rows[a].append(torch.zeros_like(t) if g is None else g)
         ys_rows.append(ys_b)
@@ -243,7 +282,7 @@ def _check_replay(mod: nn.Module, outs: list, ys: list[Tensor], B: int) -> None:
         want = _per_sample(y, B)
         scale = float(want.abs().max()) if want.numel() else 0.0
         tol = 1024 * torch.finfo(want.dtype).eps * scale
-        if got.shape != want.shape or float((got.to(want.dtype) - want).abs().max(), ) > tol:
+        if got.shape != want.shape or (want.numel() and float((got.to(want.dtype) - want).abs().max()) > tol):
             raise _replay_error(mod, f"replaying it one sample at a time does not reproduce its output {i}: dim 0 of "
                                 "its inputs is not the batch flattened sample-major (samples mixed in one row, or "
                                 "rows ordered another way)")

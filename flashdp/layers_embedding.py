@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .groups import Component, Use, grad_buffer
-from .layers_common import LayerCall, layer_call
+from .layers_common import LayerCall, in_replay, layer_call
 from .registry import register_layer
 
 __all__ = ["DPEmbedding", "DPEmbeddingFunction", "EmbeddingUse", "pair_sq_norms_sorted"]
@@ -159,3 +159,29 @@ register_layer(_is_embedding_subclass_reaching_forward, DPEmbedding, keep_forwar
                "(Gemma's and BART's scaled embeddings, BART's and BioGPT's learned positions)",
                description="as nn.Embedding (the subclass's own forward runs around it; recognised from its source: "
                "no direct use of the table)")
+
+
+class DPSharedPositions(DPEmbedding):
+    """A learned positional table whose forward looks up one row of positions for the whole batch (Blenderbot's,
+    BigBird-Pegasus's ``arange(T)`` of shape (T,)): the (T, d) output is broadcast over the samples later, which
+    would sum their gradients. Inside a private model's forward the positions are expanded to (B, T), so each
+    sample keeps its own rows; the output is (B, T, d), which broadcasts the same way."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        group = self.__dict__.get("_flashdp_group")
+        batch = group.runtime.model_batch() if group is not None else None
+        if ids.dim() == 1 and batch is not None and torch.is_grad_enabled() and self.weight.requires_grad \
+                and not in_replay():
+            ids = ids.expand(batch, ids.shape[0])
+        return super().forward(ids)
+
+
+def _is_shared_positions(module: nn.Module) -> bool:
+    return "Positional" in type(module).__name__ and _is_embedding_subclass_reaching_forward(module)
+
+
+register_layer(_is_shared_positions, DPSharedPositions, keep_forward=True,
+               label="learned positional nn.Embedding subclasses whose forward reaches super().forward (Blenderbot's "
+               "and BigBird-Pegasus's (T,) positions as well as BART's (B, T) ones)",
+               description="as nn.Embedding; one (T,) row of positions shared by the batch is expanded to (B, T) "
+               "inside the model's forward, so each sample's gradient keeps its own rows")

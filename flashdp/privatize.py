@@ -33,6 +33,7 @@ from .fallback import fallback_class
 from .groups import ClipGroup
 from .registry import find_converter, register_layer, supported_labels
 from .runtime import Runtime
+from .takeover import directly_read_children, known_take_overs
 
 __all__ = ["PrivacyState", "make_private", "privacy_state", "register_layer", "state_of_parameter"]
 
@@ -257,11 +258,12 @@ def make_private(
             own[path] = names
     modules = {path: all_mods[path] for path in own}
 
+    taken = _take_overs(all_mods, own) if fallback else {}
     converters: dict[str, object] = {}
     bad = []
     fell_back = []
     for path, mod in modules.items():
-        conv = find_converter(mod)
+        conv = None if path in taken else find_converter(mod)  # a parent taking over a child: the fallback
         if conv is None and fallback:
             conv = fallback_class(type(mod))
             fell_back.append((path or "<root>", type(mod).__name__, sum(mod._parameters[a].numel() for a in own[path])))
@@ -271,8 +273,14 @@ def make_private(
             converters[path] = conv
     if bad:
         raise UnsupportedModuleError(bad, supported_labels())
+    fell_back += [(path or "<root>", type(all_mods[path]).__name__, 0) for path in taken if path not in modules]
+    fell_back = [(p, c, n + sum(all_mods[path].get_parameter(k).numel() for k in taken.get(path, ())))
+                 for p, c, n in fell_back for path in [p if p != "<root>" else ""]]
     if fell_back:
         listed = ", ".join(f"{p} ({c}, {n} parameters)" for p, c, n in fell_back)
+        if taken:
+            listed += "; taken over from children their forward reads directly (each stays in its child's clip " \
+                      "group): " + ", ".join(f"{p or '<root>'}: {', '.join(keys)}" for p, keys in taken.items())
         warnings.warn(
             f"flashdp.make_private: no fused DP layer matches {len(fell_back)} module(s) with trainable parameters; "
             f"they use the generic exact fallback (torch.func per-sample gradients; per backward: one more forward of "
@@ -314,6 +322,13 @@ def make_private(
 
     state = PrivacyState(max_grad_norm=float(max_grad_norm), groups=groups, names=list(first_name.values()),
                          reduction=loss_reduction, runtime=runtime, model_ref=weakref.ref(model))
+    for path, keys in taken.items():
+        mod = all_mods[path]
+        mod.__dict__["_flashdp_taken"] = list(keys)
+        if path not in modules:  # no parameters of its own: a fallback module for its children's only
+            mod.__dict__["_flashdp_name"] = path or type(mod).__name__
+            mod.__dict__["_flashdp_param_names"] = {}
+            mod.__class__ = fallback_class(type(mod))
     for mod in modules.values():
         runtime.watch(mod)
     state.hooks.append(model.register_forward_pre_hook(state.forward_pre_hook, with_kwargs=True))
@@ -324,6 +339,24 @@ def make_private(
     _own(state, state.parameters().values())
     fsdp.configure(state)  # a model sharded with FSDP2 already (make_private after fully_shard)
     return model
+
+
+def _take_overs(all_mods: dict[str, nn.Module], own: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``parent path → ["child.attr", ...]``: the child parameters each module's forward reads directly
+    (:mod:`flashdp.takeover`), which its fallback replay differentiates in the child's stead; for the parents
+    ``takeover.KNOWN`` lists, every trainable parameter in the named children's subtrees."""
+    out: dict[str, list[str]] = {}
+    for path, mod in all_mods.items():
+        kids = {c: own[f"{path}.{c}" if path else c] for c, ch in mod._modules.items()
+                if ch is not None and (f"{path}.{c}" if path else c) in own}
+        keys = [f"{c}.{a}" for c in (directly_read_children(mod, kids) if kids else ()) for a in kids[c]]
+        for c in known_take_overs(mod):
+            base = f"{path}.{c}" if path else c
+            keys += [f"{c}{sub[len(base):]}.{a}" for sub, attrs in own.items()
+                     if sub == base or sub.startswith(base + ".") for a in attrs]
+        if keys:
+            out[path] = list(dict.fromkeys(keys))
+    return out
 
 
 def _is_ancestor(a: str, b: str) -> bool:

@@ -215,7 +215,9 @@ def supported_layers_markdown() -> str:
         lines.append(f"| {reg.label} | {reg.description or '(registered layer)'} |")
     lines.append("| any other module with trainable parameters (`make_private(..., fallback=True)`, the default) | "
                  "generic exact fallback (flashdp.fallback): the module's forward replayed per sample in backward, "
-                 "`vmap(grad)` of ⟨module(x_b; θ), G_b⟩ over its own parameters θ; B × numel fp32 per-sample "
+                 "`vmap(grad)` of ⟨module(x_b; θ), G_b⟩ over its own parameters θ (and those of children whose "
+                 "parameters it reads directly, each kept in its child's clip group: flashdp.takeover); B × numel "
+                 "fp32 per-sample "
                  "gradients held until the clip (`flashdp.fallback_bytes`); a `FallbackWarning` names the modules |")
     return "\n".join(lines)
 

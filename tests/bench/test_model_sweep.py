@@ -39,6 +39,22 @@ def test_tables_from_rows():
     assert "**DIFFERS**" in full and "- c: cannot build tiny" in full
 
 
+def test_summary_of_a_partial_run_lists_only_the_columns_run():
+    rows = [{"model_type": "a", "class": "A", "params": 1, "flashdp": {"status": "exact", "err": 0.0}}]
+    doc = {"rows": rows, "transformers": "x", "summary": ms.summary(rows)}
+    assert list(doc["summary"]) == ["flashdp"]
+    assert "zo2" not in ms.supported_models_markdown(doc) and "zo2" not in ms.sweep_markdown(doc)
+
+
+@pytest.mark.parametrize("model_type,fallback", [("mamba", "taken over"), ("blenderbot-small", "")])
+def test_flashdp_children_read_directly_and_shared_positions_are_exact(model_type, fallback):
+    """Mamba's mixer reads its children's weights (taken over by the fallback); Blenderbot's positions are one (T,)
+    row for the batch (expanded per sample)."""
+    cell = ms.run_one(model_type, ["flashdp"])["flashdp"]
+    assert cell["status"] == "exact", cell
+    assert fallback in " ".join(cell["fallback"])
+
+
 @pytest.mark.slow
 def test_sweep_records_a_failing_architecture_and_goes_on():
     """Each architecture runs in a worker process; one that fails is a row with its reason, the next still runs."""

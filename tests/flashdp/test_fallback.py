@@ -433,3 +433,40 @@ def test_embedding_subclasses_take_the_fused_path(ref):
         check_against_loop(ref, model, loss, lambda m: m(input_ids=ids, labels=ids).loss * B, B)
     dec = model.model.decoder
     assert isinstance(dec.embed_tokens, flashdp.DPEmbedding) and isinstance(dec.embed_positions, flashdp.DPEmbedding)
+
+
+class Gated(nn.Module):
+    """Uses its weight only for samples whose input sum is positive (data-dependent: the per-sample loop runs), and
+    returns an empty side output of shape (B, 0, d) (DeepSeek-V4's compressor on short sequences)."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):  # (B, T, d)
+        keep = x.sum((1, 2)) > 0
+        out = x.clone()
+        if bool(keep.any()):
+            out = torch.where(keep[:, None, None], x * self.w, x)
+        return out, x[:, :0]
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.gated = Gated()
+
+    def forward(self, x):
+        out, empty = self.gated(self.lin(x))
+        return out.pow(2).sum() + empty.sum()
+
+
+def test_a_sample_whose_replay_does_not_use_the_parameters_gets_zero_and_empty_outputs_pass(ref):
+    torch.manual_seed(4)
+    model, B = GatedNet(), 4
+    x = torch.randn(B, 2, 3)
+    with torch.no_grad():
+        signs = model.lin(x).sum((1, 2)) > 0
+    assert 0 < int(signs.sum()) < B, "the test needs samples on both branches"
+    check_against_loop(ref, model, lambda m, b: m(x[b:b + 1].to(m.lin.weight.dtype)), lambda m: m(x), B)
