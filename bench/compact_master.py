@@ -151,11 +151,11 @@ def verdict(runs: list[dict], eval_steps: list[int]) -> dict:
     curves: dict[str, list[list[float]]] = {}
     for r in runs:
         curves.setdefault(r["variant"], []).append(r["held_out_loss"])
-    ref = torch.tensor(curves["fp32"])
+    ref = torch.tensor(curves["fp32"], dtype=torch.float64)
     lo, hi = ref.min(0).values, ref.max(0).values
     out = {"fp32_spread": {"min": lo.tolist(), "max": hi.tolist()}, "variants": {}}
     for v, c in curves.items():
-        mean = torch.tensor(c).mean(0)
+        mean = torch.tensor(c, dtype=torch.float64).mean(0)
         inside = ((mean >= lo) & (mean <= hi))[1:]  # step 0: every variant starts from the same checkpoint
         out["variants"][v] = {"mean": mean.tolist(), "inside_at": int(inside.sum()), "evaluations": len(inside),
                               "inside_everywhere": bool(inside.all()),
