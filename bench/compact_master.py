@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
         info = result["variants"][v]
         print(f"{v}: inside the fp32 spread at {info['inside_at']}/{info['evaluations']} evaluations; final mean "
               f"- fp32 mean {info['final_mean_minus_fp32_mean']:+.5f}")
-    print(f"verdict: the compact master {'ships' if result['compact_ships'] else 'does not ship'}")
+    if result["compact_ships"] is not None:  # the rule is about the fp16-residual variant, "compact"
+        print(f"verdict: the compact master {'ships' if result['compact_ships'] else 'does not ship'}")
     record = {**provenance("cpu", argv), "options": vars(args), "pretrain_loss": pre,
               "entropy_rate": {"A": entropy_rate(chain_a), "B": entropy_rate(chain_b)}, "runs": runs,
               "verdict": result}
