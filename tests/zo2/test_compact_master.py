@@ -159,7 +159,7 @@ def test_compact_trajectory_with_an_fp32_residual_is_the_fp32_trajectory():
 
 
 def test_compact_master_keeps_updates_a_bf16_master_loses():
-    """Updates of 1e-6 on weights of ~1 (1/8 of a bf16 half-ulp): a bf16 master stays put, the compact one moves by
+    """Updates of 1e-6 on weights of 1 (1/3900 of a bf16 half-ulp): a bf16 master stays put, the compact one moves by
     their sum in expectation (fp16 residual), reproducibly for a seed."""
     ckpt = {"w": torch.ones(20000, dtype=torch.bfloat16)}
     delta = {"w": torch.full((20000,), 1e-6)}
