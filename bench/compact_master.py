@@ -140,7 +140,7 @@ def fine_tune(model: LlamaForCausalLM, ckpt: dict[str, torch.Tensor], chain: tor
               "bytes_per_param": master.bytes_per_param(), "seconds": round(time.perf_counter() - start, 1)}
     if isinstance(master, CompactMaster):
         r = torch.cat([t.float().abs().flatten() for t in master.residual.values()])
-        record["residual_abs"] = {"max": r.max().item(), "median": r.median().item(),
+        record["residual_abs"] = {"max": r.max().item(), "p50": r.median().item(),
                                   "fraction_zero": (r == 0).float().mean().item()}
     return record
 
