@@ -39,14 +39,15 @@ from .audit_canaries import Canaries, make_canaries
 from .optimizer import DPOptimizer
 from .privatize import privacy_state
 
-__all__ = ["AuditResult", "epsilon_lower_bound", "guess", "one_run_audit", "p_value"]
+__all__ = ["AuditOutcome", "AuditResult", "epsilon_lower_bound", "guess", "one_run_audit", "p_value"]
 
 CANARY_SAMPLE_RATE = 1.0  # an included canary is in every step (see the module docstring)
 
 
 @dataclass(frozen=True)
-class AuditResult:
-    """What an audit found, beside what the accountant reports for the same mechanism."""
+class AuditOutcome:
+    """What a one-run audit found, beside what the accountant reports for the canaries' mechanism (the fields
+    every audited mechanism shares; :class:`AuditResult` for flashdp, ``zo2.dp_audit.DPZOAuditResult``)."""
 
     epsilon_lower_bound: float
     accountant_epsilon: float
@@ -60,8 +61,6 @@ class AuditResult:
     noise_multiplier: float
     canary_sample_rate: float
     accountant: str
-    groups: int
-    canary_norm: float
 
     @property
     def guesses(self) -> int:
@@ -75,16 +74,28 @@ class AuditResult:
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "guesses": self.guesses, "exceeds_accountant": self.exceeds_accountant}
 
-    def __str__(self) -> str:
+    def report(self, header: str) -> str:
+        """``header`` (what was audited, up to the guesses), then the bound, the accountant's ε and the verdict."""
         verdict = ("EXCEEDS the accountant's ε: the implementation adds less noise than it accounts"
                    if self.exceeds_accountant else "below the accountant's ε (consistent; this proves no privacy)")
-        return (f"one-run audit: {self.canaries} canaries (norm C_total={self.canary_norm:.4g} over {self.groups} "
-                f"clip groups), k+={self.k_plus}, k-={self.k_minus}: {self.correct}/{self.guesses} correct\n"
+        return (f"{header}, k+={self.k_plus}, k-={self.k_minus}: {self.correct}/{self.guesses} correct\n"
                 f"  ε lower bound  {self.epsilon_lower_bound:8.3f}   ({self.confidence:.0%} confidence, "
                 f"δ={self.delta:g})\n"
                 f"  accountant ε   {self.accountant_epsilon:8.3f}   ({self.accountant}, σ={self.noise_multiplier:g}, "
                 f"q={self.canary_sample_rate:g} for canaries, {self.steps} steps, δ={self.delta:g})\n"
                 f"  {verdict}")
+
+
+@dataclass(frozen=True)
+class AuditResult(AuditOutcome):
+    """flashdp's audit: gradient canaries of norm C_total over ``groups`` clip groups."""
+
+    groups: int
+    canary_norm: float
+
+    def __str__(self) -> str:
+        return self.report(f"one-run audit: {self.canaries} canaries (norm C_total={self.canary_norm:.4g} over "
+                           f"{self.groups} clip groups)")
 
 
 def guess(scores: Tensor, k_plus: int, k_minus: int) -> Tensor:

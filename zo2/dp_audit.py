@@ -32,14 +32,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from scipy.linalg import hadamard
 from torch import Tensor, nn
 
-from flashdp.audit import _batches, accountant_epsilon, guess
+from flashdp.audit import AuditOutcome, _batches, accountant_epsilon, guess
 from flashdp.audit_bound import epsilon_lower_bound
 from zo2.dp_optimizer import CLIPPING_MODES, DPZOSGD
 from zo2.optimizer import NonFiniteLossWarning
@@ -50,51 +50,19 @@ CANARY_SAMPLE_RATE = 1.0  # an included canary is in every step
 
 
 @dataclass(frozen=True)
-class DPZOAuditResult:
-    """What the audit of DPZOSGD found, beside what the accountant reports for the canaries' mechanism."""
+class DPZOAuditResult(AuditOutcome):
+    """The audit of DPZOSGD: canaries as per-sample loss differences along patterns of released coordinates."""
 
-    epsilon_lower_bound: float
-    accountant_epsilon: float
-    confidence: float
-    delta: float
-    canaries: int
-    k_plus: int
-    k_minus: int
-    correct: int
-    steps: int
-    noise_multiplier: float
-    canary_sample_rate: float
-    accountant: str
     num_perturbations: int
     clipping: str
     released: int  # T·r coordinates released by the run
     patterned: int  # N, the coordinates the canaries' patterns span
     canary_scale: float
 
-    @property
-    def guesses(self) -> int:
-        return self.k_plus + self.k_minus
-
-    @property
-    def exceeds_accountant(self) -> bool:
-        """Whether the lower bound is above the accountant's ε: the run added less noise than it accounted."""
-        return self.epsilon_lower_bound > self.accountant_epsilon
-
-    def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "guesses": self.guesses, "exceeds_accountant": self.exceeds_accountant}
-
     def __str__(self) -> str:
-        verdict = ("EXCEEDS the accountant's ε: the implementation adds less noise than it accounts"
-                   if self.exceeds_accountant else "below the accountant's ε (consistent; this proves no privacy)")
-        return (f"one-run audit of zo2.DPZOSGD ({self.clipping} clipping, q={self.num_perturbations}): "
-                f"{self.canaries} canaries over {self.patterned} of {self.released} released coordinates "
-                f"(difference {self.canary_scale:g}·C per step before clipping), k+={self.k_plus}, "
-                f"k-={self.k_minus}: {self.correct}/{self.guesses} correct\n"
-                f"  ε lower bound  {self.epsilon_lower_bound:8.3f}   ({self.confidence:.0%} confidence, "
-                f"δ={self.delta:g})\n"
-                f"  accountant ε   {self.accountant_epsilon:8.3f}   ({self.accountant}, σ={self.noise_multiplier:g}, "
-                f"q={self.canary_sample_rate:g} for canaries, {self.steps} steps, δ={self.delta:g})\n"
-                f"  {verdict}")
+        return self.report(f"one-run audit of zo2.DPZOSGD ({self.clipping} clipping, q={self.num_perturbations}): "
+                           f"{self.canaries} canaries over {self.patterned} of {self.released} released "
+                           f"coordinates (difference {self.canary_scale:g}·C per step before clipping)")
 
 
 def canary_patterns(m: int, released: int, generator: torch.Generator) -> Tensor:
