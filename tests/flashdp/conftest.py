@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
+
+import flashdp
 
 LLAMA_VOCAB = 50
 
@@ -103,7 +106,36 @@ def assert_grads_close(model: nn.Module, expected: dict[str, torch.Tensor], rtol
     assert not bad, "\n".join(bad)
 
 
+U32 = 2.0**-24
+
+
+def check_against_loop(model, loss_fn, batch_loss, B, reduction="sum"):
+    """make_private(model) with C_l the median per-sample group norm, one backward; compare with the loop.
+
+    ``loss_fn(model, b)`` is sample b's own loss; ``batch_loss`` their sum (``reduction="sum"``) or mean."""
+    _, norms, groups = per_sample_clipped_sum(model, loss_fn, B, float("inf"))
+    flat = sorted(n for row in norms for n in row)
+    c_l = flat[len(flat) // 2]
+    C = c_l * len(groups) ** 0.5
+    assert flat[0] < c_l < flat[-1], "the test should mix clipped and unclipped groups"
+    want, _, _ = per_sample_clipped_sum(model, loss_fn, B, C)
+    base, _, _ = per_sample_clipped_sum(model, loss_fn, B, C, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", flashdp.FallbackWarning)
+        flashdp.make_private(model, C, loss_reduction=reduction)
+    batch_loss(model).backward()
+    for n, p in model.named_parameters():
+        w = want[n]
+        err32 = float((base[n].double() - w).abs().max())
+        tol = 2 * err32 + 8 * U32 * float(w.abs().max()) + 1e-30
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        err = float((got.double() - w).abs().max())
+        assert err <= tol, f"{n}: err {err:.3g} > tol {tol:.3g}"
+    return C, groups
+
+
 @pytest.fixture(scope="session")
 def ref():
     return SimpleNamespace(per_sample_clipped_sum=per_sample_clipped_sum, groups=reference_groups,
-                           assert_grads_close=assert_grads_close)
+                           assert_grads_close=assert_grads_close,
+                           check_against_loop=check_against_loop)

@@ -18,33 +18,6 @@ from torch import nn
 
 import flashdp
 
-U32 = 2.0**-24
-
-
-def check_against_loop(ref, model, loss_fn, batch_loss, B, reduction="sum"):
-    """make_private(model) with C_l the median per-sample group norm, one backward; compare with the loop.
-
-    ``loss_fn(model, b)`` is sample b's own loss; ``batch_loss`` their sum (``reduction="sum"``) or mean."""
-    _, norms, groups = ref.per_sample_clipped_sum(model, loss_fn, B, float("inf"))
-    flat = sorted(n for row in norms for n in row)
-    c_l = flat[len(flat) // 2]
-    C = c_l * len(groups) ** 0.5
-    assert flat[0] < c_l < flat[-1], "the test should mix clipped and unclipped groups"
-    want, _, _ = ref.per_sample_clipped_sum(model, loss_fn, B, C)
-    base, _, _ = ref.per_sample_clipped_sum(model, loss_fn, B, C, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", flashdp.FallbackWarning)
-        flashdp.make_private(model, C, loss_reduction=reduction)
-    batch_loss(model).backward()
-    for n, p in model.named_parameters():
-        w = want[n]
-        err32 = float((base[n].double() - w).abs().max())
-        tol = 2 * err32 + 8 * U32 * float(w.abs().max()) + 1e-30
-        got = p.grad if p.grad is not None else torch.zeros_like(p)
-        err = float((got.double() - w).abs().max())
-        assert err <= tol, f"{n}: err {err:.3g} > tol {tol:.3g}"
-    return C, groups
-
 
 def causal_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """A depthwise causal convolution that reads ``conv``'s parameters (Qwen3-Next's and LFM's helpers)."""
@@ -91,7 +64,7 @@ def test_parent_reading_children_directly_matches_the_loop_with_the_childrens_gr
     torch.manual_seed(0)
     model = MixerNet()
     ids = torch.randint(0, 9, (5, 7))
-    C, groups = check_against_loop(ref, model, lambda m, b: _ce(m, ids[b:b + 1]), lambda m: _ce(m, ids), 5)
+    C, groups = ref.check_against_loop(model, lambda m, b: _ce(m, ids[b:b + 1]), lambda m: _ce(m, ids), 5)
     state = flashdp.privacy_state(model)
     # the groups are make_private's usual ones (each child's weight and bias together, the mixer's own A alone),
     # whoever replays the computation: the taken-over children keep theirs
@@ -166,7 +139,7 @@ def test_parameter_returned_by_a_child_is_taken_over_by_its_caller(ref):
     torch.manual_seed(1)
     model = LayerNet()
     ids = torch.randint(0, 9, (4, 6))
-    check_against_loop(ref, model, lambda m, b: _ce(m, ids[b:b + 1]), lambda m: _ce(m, ids), 4)
+    ref.check_against_loop(model, lambda m, b: _ce(m, ids[b:b + 1]), lambda m: _ce(m, ids), 4)
     assert model.layer.__dict__["_flashdp_taken"] == ["attention.dense_bias"]
 
 
@@ -212,7 +185,7 @@ def test_positions_shared_by_the_batch_are_clipped_per_sample(ref, B, T):
     torch.manual_seed(2)
     model = PositionsNet(T=T)
     ids = torch.randint(0, 9, (B, T))
-    check_against_loop(ref, model, lambda m, b: _ce(m, ids[b:b + 1]), lambda m: _ce(m, ids), B)
+    ref.check_against_loop(model, lambda m, b: _ce(m, ids[b:b + 1]), lambda m: _ce(m, ids), B)
 
 
 def test_mamba_matches_the_loop(ref):
@@ -229,7 +202,7 @@ def test_mamba_matches_the_loop(ref):
         return m(input_ids=x, labels=x, use_cache=False).loss
 
     # the model's loss is a mean over the batch's tokens, the mean of the samples' own losses (equal lengths)
-    check_against_loop(ref, model, lambda m, b: loss(m, ids[b:b + 1]), lambda m: loss(m, ids), 3, reduction="mean")
+    ref.check_against_loop(model, lambda m, b: loss(m, ids[b:b + 1]), lambda m: loss(m, ids), 3, reduction="mean")
     assert "conv1d.weight" in model.backbone.layers[0].mixer.__dict__["_flashdp_taken"]
 
 
@@ -261,7 +234,7 @@ def test_known_parent_replays_children_that_see_another_layout(ref, monkeypatch)
         logits = m(x)
         return F.cross_entropy(logits.reshape(-1, 5), (x % 5).reshape(-1), reduction="sum")
 
-    check_against_loop(ref, model, lambda m, b: loss(m, ids[b:b + 1]), lambda m: loss(m, ids), 3)
+    ref.check_against_loop(model, lambda m, b: loss(m, ids[b:b + 1]), lambda m: loss(m, ids), 3)
     assert model[1].__dict__["_flashdp_taken"] == ["experts.0.weight", "experts.0.bias", "experts.2.weight",
                                                    "experts.2.bias"]
 
